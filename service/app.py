@@ -1,0 +1,210 @@
+"""create_app(settings): the FastAPI app, its lifespan, middleware and error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
+from service.metrics import Metrics
+from service.routes import metrics_router, probes, router
+from service.runtime import ModelUnavailable, Runtime, UnknownModel
+from service.settings import Settings
+
+log = logging.getLogger("vae_serve")
+access_log = logging.getLogger("vae_serve.access")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class LimitsAndAccessLog:
+    """Pure ASGI middleware: 413 before an oversized body is read, one log line and metrics per request."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics) -> None:
+        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status, response_started = message["status"], True
+            await send(message)
+
+        received = 0
+
+        async def receive_wrapper() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            declared = int(dict(scope["headers"]).get(b"content-length", b"0") or 0)
+        except ValueError:
+            declared = 0
+        try:
+            if declared > self.max_body_bytes:
+                raise _BodyTooLarge
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except _BodyTooLarge:
+            if response_started:
+                raise
+            detail = f"the request body is over the {self.max_body_bytes}-byte limit"
+            await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send_wrapper)
+        finally:
+            self._observe(scope, status, time.perf_counter() - started)
+
+    def _observe(self, scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"  # templates only: bounded label values
+        model = str(scope.get("state", {}).get("model", ""))
+        runtime = getattr(scope["app"].state, "runtime", None)
+        if model and (runtime is None or model not in runtime.models):
+            model = "unknown"  # client-chosen names must not create label values
+        self.metrics.requests.labels(endpoint, model, str(status)).inc()
+        self.metrics.request_seconds.labels(endpoint).observe(seconds)
+        reason = {429: "rejected", 503: "rejected", 504: "timeout"}.get(status)
+        if reason is None and 400 <= status < 500 and status != 404:
+            reason = "invalid"
+        if reason is None and status >= 500:
+            reason = "internal"
+        if reason:
+            self.metrics.failures.labels(reason).inc()
+        if endpoint not in ("/healthz", "/readyz", "/metrics") or status >= 400:
+            access_log.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"][:200],
+                    "model": model,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 2),
+                },
+            )
+
+
+def _error(status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # Never echo the input back: it may be huge. Type, location and message say what to fix.
+        errors = [{"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()[:20]]
+        return _error(422, errors)
+
+    handlers: list[tuple[type[Exception], int, dict[str, str] | None]] = [
+        (UnknownModel, 404, None),
+        (QueueFull, 429, {"Retry-After": "1"}),
+        (ModelUnavailable, 503, None),
+        (NotServing, 503, {"Retry-After": "5"}),
+        (DeadlineExceeded, 504, None),
+        (BatchFailed, 500, None),
+    ]
+    for exc_type, status, headers in handlers:
+
+        async def handler(_: Request, exc: Exception, status: int = status, headers: dict[str, str] | None = headers) -> JSONResponse:
+            return _error(status, str(exc), headers)
+
+        app.add_exception_handler(exc_type, handler)
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc)
+        return _error(500, "internal error; the server log has the details")
+
+
+def _api_key_dependency(settings: Settings) -> Any:
+    expected = settings.api_key.get_secret_value().encode() if settings.api_key else None
+
+    async def require_api_key(request: Request) -> None:
+        if expected is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected):
+            raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
+
+    return require_api_key
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app for `settings`: models load in the background; /readyz turns 200 once all are warm."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def load() -> None:
+            runtime = await asyncio.to_thread(Runtime.load, settings, metrics)
+            runtime.start()
+            app.state.runtime = runtime
+            ready, status = runtime.readiness()
+            log.info("models loaded", extra={"ready": ready, "models": status})
+
+        loading = asyncio.create_task(load())
+        app.state.loading = loading
+        try:
+            yield
+        finally:
+            if not loading.done():
+                loading.cancel()
+            runtime: Runtime | None = getattr(app.state, "runtime", None)
+            if runtime is not None:
+                await runtime.drain()
+
+    app = FastAPI(
+        title="vae-serve",
+        version="0.1.0",
+        summary="Sample, encode, decode and interpolate with variational autoencoders.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    auth = Depends(_api_key_dependency(settings))
+    app.include_router(router, dependencies=[auth])
+    app.include_router(probes)
+    app.include_router(metrics_router, dependencies=[auth] if settings.metrics_require_key else [])
+    _install_error_handlers(app)
+    app.add_middleware(LimitsAndAccessLog, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    return app
+
+
+def log_format(record: logging.LogRecord) -> str:
+    """One JSON object per line: easy to grep, easy to ship."""
+    payload: dict[str, Any] = {
+        "ts": round(record.created, 3),
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "msg": record.getMessage(),
+    }
+    for key in ("method", "path", "model", "status", "duration_ms", "ready", "models"):
+        if hasattr(record, key):
+            payload[key] = getattr(record, key)
+    if record.exc_info:
+        payload["error"] = logging.Formatter().formatException(record.exc_info)[-2000:]
+    return json.dumps(payload, default=str)

@@ -1,0 +1,231 @@
+"""Per-model batching: collect -> predict -> split.
+
+One asyncio task per (model, operation) collects queued items into a batch, runs it as one call on
+the single model thread, and splits the result back to the waiting requests. A lone request runs at
+once; only when other requests are already queued does a batch wait (up to max_wait) for company.
+Every admitted item gets an answer: a result, or an exception if its batch failed or it expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from service.metrics import Metrics
+
+log = logging.getLogger("vae_serve.batcher")
+
+# A model call: a batch of inputs (B, ...) -> one tensor or a tuple of tensors, each with B rows.
+Predict = Callable[[Tensor], Tensor | tuple[Tensor, ...]]
+
+
+class QueueFull(Exception):
+    """The model's queue cannot take the request now: answer 429."""
+
+
+class DeadlineExceeded(Exception):
+    """The request waited past its deadline: answer 504."""
+
+
+class BatchFailed(Exception):
+    """The model call for this request's batch raised: answer 500 with this message."""
+
+
+class NotServing(Exception):
+    """The batcher is stopped or stopping: answer 503."""
+
+
+@dataclass
+class _Item:
+    inputs: Tensor  # (k, ...) with k <= max_batch_size
+    future: asyncio.Future[tuple[Tensor, ...]]
+    deadline: float  # loop.time()
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Batches calls of one operation (encode or decode) of one model."""
+
+    def __init__(
+        self,
+        name: str,
+        op: str,
+        predict: Predict,
+        model_thread: ThreadPoolExecutor,
+        metrics: Metrics,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        queue_size: int,
+    ) -> None:
+        self.name, self.op, self._predict = name, op, predict
+        self._thread, self._metrics = model_thread, metrics
+        self.max_batch_size, self.max_wait_s, self.queue_size = max_batch_size, max_wait_s, queue_size
+        self._queue: deque[_Item] = deque()
+        self._arrived = asyncio.Event()
+        self._depth = 0  # images queued, not yet taken into a batch
+        self._busy = False  # a batch is being computed
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}-{self.op}")
+        self._task.add_done_callback(self._on_exit)
+
+    def _on_exit(self, task: asyncio.Task[None]) -> None:
+        """If the collector ever dies, nothing queued may wait forever: fail it all at once."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batcher %s/%s stopped", self.name, self.op, exc_info=task.exception())
+        self._closing = True
+        self._fail_queued("the model's batcher stopped")
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._closing
+
+    async def submit(self, inputs: Tensor, timeout_s: float) -> tuple[Tensor, ...]:
+        """Queue `inputs` (split into batch-sized items) and wait for all their outputs."""
+        if not self.alive:
+            raise NotServing(f"model {self.name!r} is not accepting requests")
+        n = len(inputs)
+        if self._depth + n > self.queue_size:
+            raise QueueFull(f"model {self.name!r} has {self._depth} images queued (limit {self.queue_size})")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        items = [_Item(chunk, loop.create_future(), deadline) for chunk in inputs.split(self.max_batch_size)]
+        self._queue.extend(items)
+        self._set_depth(self._depth + n)
+        self._arrived.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                parts = await asyncio.gather(*(item.future for item in items))
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer from model {self.name!r} within {timeout_s:g}s") from None
+        finally:
+            for item in items:
+                if not item.future.done():
+                    item.future.cancel()  # the collector skips it
+        return tuple(torch.cat(columns) for columns in zip(*parts, strict=True))
+
+    def _set_depth(self, depth: int) -> None:
+        self._depth = depth
+        self._metrics.queue_depth.labels(self.name, self.op).set(depth)
+
+    async def _wait_for_items(self, timeout_s: float | None) -> bool:
+        """Wait until something is queued; False if `timeout_s` passed first."""
+        while not self._queue:
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return False
+        return True
+
+    async def _collect(self) -> list[_Item]:
+        """Wait for one item, then take what else is queued, up to the batch limit."""
+        await self._wait_for_items(None)
+        batch = [self._queue.popleft()]
+        size = len(batch[0].inputs)
+        company = bool(self._queue)  # others are waiting too: worth a short wait for more
+        give_up = asyncio.get_running_loop().time() + self.max_wait_s
+        while size < self.max_batch_size:
+            if not self._queue:
+                remaining = give_up - asyncio.get_running_loop().time()
+                if not company or remaining <= 0 or not await self._wait_for_items(remaining):
+                    break
+            if size + len(self._queue[0].inputs) > self.max_batch_size:
+                break  # the next item would not fit: it heads the next batch
+            batch.append(self._queue.popleft())
+            size += len(batch[-1].inputs)
+        self._set_depth(self._depth - size)
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            now = loop.time()
+            live = []
+            for item in batch:
+                if item.future.done():  # cancelled: the client gave up or timed out
+                    continue
+                if now > item.deadline:
+                    item.future.set_exception(DeadlineExceeded(f"waited past the deadline for model {self.name!r}"))
+                    continue
+                live.append(item)
+            if not live:
+                continue
+            started = time.perf_counter()
+            for item in live:
+                self._metrics.queue_seconds.labels(self.name).observe(started - item.enqueued)
+            self._busy = True
+            try:
+                inputs = torch.cat([item.inputs for item in live])
+                outputs = await loop.run_in_executor(self._thread, self._call, inputs)
+            except Exception as exc:  # one failing batch fails only its own requests
+                log.exception("model %s %s: a batch of %d images failed", self.name, self.op, len(inputs))
+                for item in live:
+                    if not item.future.done():
+                        item.future.set_exception(BatchFailed(f"model {self.name!r} failed on this batch: {type(exc).__name__}"))
+                continue
+            finally:
+                self._busy = False
+            self._metrics.compute_seconds.labels(self.name, self.op).observe(time.perf_counter() - started)
+            self._metrics.batch_size.labels(self.name, self.op).observe(len(inputs))
+            offset = 0
+            for item in live:
+                k = len(item.inputs)
+                if not item.future.done():
+                    item.future.set_result(tuple(out[offset : offset + k] for out in outputs))
+                offset += k
+
+    def _call(self, inputs: Tensor) -> tuple[Tensor, ...]:
+        """Runs on the model thread. On CUDA out-of-memory, halve the batch and retry."""
+        try:
+            with torch.inference_mode():
+                out = self._predict(inputs)
+            outputs = out if isinstance(out, tuple) else (out,)
+            return tuple(o.float().cpu() for o in outputs)
+        except torch.OutOfMemoryError:
+            if len(inputs) == 1:
+                raise
+            log.warning("model %s ran out of memory on a batch of %d: splitting it", self.name, len(inputs))
+            torch.cuda.empty_cache()
+            half = len(inputs) // 2
+            first, second = self._call(inputs[:half]), self._call(inputs[half:])
+            return tuple(torch.cat(pair) for pair in zip(first, second, strict=True))
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting, let what was admitted finish (up to timeout_s), then stop the collector."""
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout_s
+        while (self._queue or self._busy) and loop.time() < give_up:
+            await asyncio.sleep(0.01)
+        await self.stop()
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._fail_queued("the service is shutting down")
+
+    def _fail_queued(self, reason: str) -> None:
+        while self._queue:  # nobody will serve these now: answer them
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(NotServing(reason))
+        self._set_depth(0)

@@ -1,0 +1,147 @@
+"""Image conversions for the service: tensors to PNG and grids, uploads to model input."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Float (N, C, H, W) in [0, 1] -> uint8 (N, H, W, C)."""
+    array = images.detach().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+    return array.transpose(0, 2, 3, 1)
+
+
+def grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np.ndarray:
+    """uint8 (N, H, W, C) -> one (H', W', C) image, row-major, `padding` black pixels between tiles."""
+    n, h, w, c = images.shape
+    columns = max(1, min(n, columns or math.ceil(math.sqrt(n))))
+    rows = math.ceil(n / columns)
+    out = np.zeros((rows * (h + padding) + padding, columns * (w + padding) + padding, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        out[top : top + h, left : left + w] = image
+    return out
+
+
+def png_bytes(image: np.ndarray, compress_level: int = 1) -> bytes:
+    """uint8 (H, W, C) with C in 1|3 -> PNG bytes. Level 1: small decoder outputs gain little from more."""
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+class ImageError(ValueError):
+    """An upload that cannot be used: the message says what is wrong (answered with 422)."""
+
+
+# Formats a browser, a phone or a script is likely to send. Pillow never parses SVG or PDF.
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "MPO")
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ImageError("the image is empty")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"the image has too many pixels: {exc}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"not a readable image ({', '.join(ALLOWED_FORMATS)}): {exc}") from None
+    w, h = image.size
+    if w * h > max_pixels:  # checked from the header, before any pixel is decoded
+        raise ImageError(f"the image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    return image
+
+
+def _to_mode(image: Image.Image, channels: int) -> np.ndarray:
+    """Any mode -> uint8 (H, W, channels); transparency composited on white, 16-bit scaled down."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if values.max(initial=0) > 255 else 255.0
+        gray = np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8)
+        image = Image.fromarray(gray, mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    image = image.convert("L" if channels == 1 else "RGB")
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if channels == 1 else array
+
+
+def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    w, h = image.size
+    target = width / height
+    if w / h > target:
+        new_w = max(1, round(h * target))
+        left = (w - new_w) // 2
+        return image.crop((left, 0, left + new_w, h))
+    new_h = max(1, round(w / target))
+    top = (h - new_h) // 2
+    return image.crop((0, top, w, top + new_h))
+
+
+def _fit_digit(gray: np.ndarray, size: int) -> np.ndarray:
+    """MNIST's own normalisation: the digit's bounding box into 20/28 of the frame, centred by mass."""
+    mask = gray > 0.25 * gray.max() if gray.max() > 0 else np.zeros_like(gray, dtype=bool)
+    if not mask.any():
+        return np.asarray(Image.fromarray(gray).resize((size, size), Image.Resampling.LANCZOS))
+    rows, cols = np.nonzero(mask)
+    crop = gray[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    box = round(size * 20 / 28)
+    scale = box / max(crop.shape)
+    h, w = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
+    digit = np.asarray(Image.fromarray(crop).resize((w, h), Image.Resampling.LANCZOS), dtype=np.float64)
+    total = digit.sum()
+    cy = (digit.sum(1) * np.arange(h)).sum() / total if total else h / 2
+    cx = (digit.sum(0) * np.arange(w)).sum() / total if total else w / 2
+    out = np.zeros((size, size), dtype=np.float64)
+    top = int(np.clip(round(size / 2 - cy), 0, size - h))
+    left = int(np.clip(round(size / 2 - cx), 0, size - w))
+    out[top : top + h, left : left + w] = digit
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def prepare_upload(
+    data: bytes, shape: tuple[int, int, int], *, max_pixels: int, invert: bool | None = None, digit: bool = False
+) -> np.ndarray:
+    """Uploaded bytes -> float32 (C, H, W) in [0, 1] for a model of `shape`.
+
+    EXIF rotation is applied and only the first frame of an animation is used. `invert` None means
+    auto: for single-channel models, a light background (a photo of ink on paper) is inverted to the
+    light-on-dark that MNIST-like models saw. `digit` applies MNIST's size-and-centre normalisation.
+    """
+    channels, height, width = shape
+    image = _open(data, max_pixels)
+    try:
+        image.seek(0)
+        image.draft("RGB" if channels == 3 else "L", (width * 2, height * 2))  # JPEG: decode at reduced size
+        image = ImageOps.exif_transpose(image) or image
+        image.load()
+        pixels = _to_mode(image, channels)
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"the image could not be decoded: {exc}") from None
+    if channels == 1:
+        gray = pixels[..., 0]
+        if invert is None:
+            border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+            invert = float(border.mean()) > 127.5
+        if invert:
+            gray = 255 - gray
+        if digit:
+            return (_fit_digit(gray, height).astype(np.float32) / 255.0)[None]
+        pixels = gray[..., None]
+    pil = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    pil = _center_crop(pil, height, width).resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    array = np.asarray(pil, dtype=np.float32) / 255.0
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)

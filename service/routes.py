@@ -1,0 +1,264 @@
+"""Thin handlers: validate, call the runtime, answer. Errors are mapped to HTTP in app.py."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import secrets
+from typing import Annotated, Any
+
+import torch
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
+
+from service.imaging import ImageError
+from service.runtime import Runtime
+from service.schemas import (
+    DecodeRequest,
+    EncodeJSONRequest,
+    EncodeResponse,
+    Health,
+    ImagesResponse,
+    InterpolateRequest,
+    ModelInfo,
+    ModelList,
+    SampleRequest,
+)
+
+PNG = "image/png"
+_IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "a PNG (a grid for several images), or JSON with `Accept: application/json`",
+        "content": {PNG: {"schema": {"type": "string", "format": "binary"}}, "application/json": {"schema": ImagesResponse.model_json_schema()}},
+    }
+}
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def wants_json(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "application/json" in accept and PNG not in accept
+
+
+def unprocessable(message: str) -> HTTPException:
+    return HTTPException(status_code=422, detail=message)
+
+
+async def images_response(
+    request: Request, runtime: Runtime, model: str, z: torch.Tensor, images: torch.Tensor,
+    *, columns: int | None = None, seed: int | None = None,
+) -> Response:
+    headers = {"X-Seed": str(seed)} if seed is not None else {}
+    if wants_json(request):
+        pngs = await runtime.pngs(images)
+        body = ImagesResponse(
+            model=model, seed=seed, latents=z.tolist(), images=[base64.b64encode(p).decode() for p in pngs]
+        )
+        return JSONResponse(body.model_dump(), headers=headers)
+    return Response(await runtime.grid_png(images, columns), media_type=PNG, headers=headers)
+
+
+def check_latents(runtime: Runtime, model: str, rows: list[list[float]], what: str = "z") -> torch.Tensor:
+    latent_dim = runtime.model(model).latent_dim
+    for i, row in enumerate(rows):
+        if len(row) != latent_dim:
+            raise unprocessable(f"{what}[{i}] has {len(row)} numbers; model {model!r} takes latents of size {latent_dim}")
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def decode_base64(value: str, index: int) -> bytes:
+    try:
+        return base64.b64decode(value.split(",", 1)[-1] if value.startswith("data:") else value, validate=True)
+    except (binascii.Error, ValueError):
+        raise unprocessable(f"images[{index}] is not valid base64") from None
+
+
+router = APIRouter()
+
+
+@router.post("/sample", responses=_IMAGE_RESPONSES, response_class=Response, tags=["generate"])
+async def sample(body: SampleRequest, request: Request, runtime: RuntimeDep) -> Response:
+    """Draw images from the model's prior; the same seed gives the same images."""
+    request.state.model = body.model
+    runtime.model(body.model)
+    if body.n > runtime.settings.max_samples:
+        raise unprocessable(f"n is {body.n}; this server returns at most {runtime.settings.max_samples} images")
+    seed = body.seed if body.seed is not None else secrets.randbits(31)
+    # Latents come from the request's own generator, so batching with other requests cannot change them.
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(body.n, runtime.model(body.model).latent_dim, generator=generator) * body.temperature
+    images = await runtime.decode(body.model, z)
+    return await images_response(request, runtime, body.model, z, images, columns=body.columns, seed=seed)
+
+
+@router.post("/decode", responses=_IMAGE_RESPONSES, response_class=Response, tags=["generate"])
+async def decode(body: DecodeRequest, request: Request, runtime: RuntimeDep) -> Response:
+    """Decode latents to images: one image per row of `z`."""
+    request.state.model = body.model
+    if len(body.z) > runtime.settings.max_samples:
+        raise unprocessable(f"z has {len(body.z)} rows; this server decodes at most {runtime.settings.max_samples}")
+    z = check_latents(runtime, body.model, body.z)
+    images = await runtime.decode(body.model, z)
+    return await images_response(request, runtime, body.model, z, images, columns=body.columns)
+
+
+_ENCODE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "image"],
+                    "properties": {
+                        "model": {"type": "string", "example": "mnist"},
+                        "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "invert": {"type": "boolean", "description": "default: auto for one-channel models"},
+                    },
+                }
+            },
+            "application/json": {"schema": EncodeJSONRequest.model_json_schema(), "example": {"model": "mnist", "images": ["iVBORw0KGgo..."]}},
+        },
+    }
+}
+
+
+async def read_encode_request(request: Request, max_images: int) -> tuple[str, list[bytes], bool | None]:
+    """(model, image files, invert) from a multipart form or a JSON body."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        try:
+            form = await request.form(max_files=max_images, max_fields=16)
+        except HTTPException:
+            raise
+        except Exception as exc:  # malformed multipart
+            raise unprocessable(f"could not read the multipart form: {exc}") from None
+        model = form.get("model")
+        uploads = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
+        invert_field = form.get("invert")
+        if not isinstance(model, str) or not model:
+            raise unprocessable("the form needs a 'model' field naming a served model")
+        if not uploads:
+            raise unprocessable("the form needs at least one file in an 'image' field")
+        invert = None if invert_field in (None, "", "auto") else str(invert_field).lower() in ("1", "true", "yes")
+        return model, [await f.read() for f in uploads], invert
+    if content_type.startswith("application/json") or not content_type:
+        try:
+            body = EncodeJSONRequest.model_validate_json(await request.body())
+        except ValueError as exc:
+            raise HTTPException(status_code=422, detail=_validation_detail(exc)) from None
+        if len(body.images) > max_images:
+            raise unprocessable(f"{len(body.images)} images; this server encodes at most {max_images} per request")
+        return body.model, [decode_base64(v, i) for i, v in enumerate(body.images)], body.invert
+    raise HTTPException(status_code=415, detail="send multipart/form-data with 'image' files, or JSON with base64 'images'")
+
+
+def _validation_detail(exc: ValueError) -> Any:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        return [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in errors(include_url=False)]
+    return str(exc)
+
+
+@router.post("/encode", response_model=EncodeResponse, openapi_extra=_ENCODE_BODY, tags=["encode"])
+async def encode(request: Request, runtime: RuntimeDep) -> EncodeResponse:
+    """Encode images to the mean and log-variance of q(z|x), one row per image."""
+    name, files, invert = await read_encode_request(request, runtime.settings.max_images_per_request)
+    request.state.model = name
+    model = runtime.model(name)
+    if len(files) > runtime.settings.max_images_per_request:
+        raise unprocessable(f"{len(files)} images; this server encodes at most {runtime.settings.max_images_per_request}")
+    try:
+        x = await runtime.prepare_uploads(model, files, invert)
+    except ImageError as exc:
+        raise unprocessable(str(exc)) from None
+    mu, log_var = await runtime.encode(name, x)
+    return EncodeResponse(model=name, latent_dim=model.latent_dim, mu=mu.tolist(), log_var=log_var.tolist())
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation (Shoemake); falls back to lerp for (anti)parallel endpoints."""
+    cos = torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-12)
+    omega = torch.arccos(cos.clamp(-1, 1))
+    if omega.abs() < 1e-6 or (math.pi - omega).abs() < 1e-6:
+        return (1 - t) * a + t * b
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+@router.post("/interpolate", responses=_IMAGE_RESPONSES, response_class=Response, tags=["generate"])
+async def interpolate(body: InterpolateRequest, request: Request, runtime: RuntimeDep) -> Response:
+    """A strip from `start` to `end`, both included; images are encoded to their means first."""
+    request.state.model = body.model
+    model = runtime.model(body.model)
+    if body.steps > runtime.settings.max_steps:
+        raise unprocessable(f"steps is {body.steps}; this server draws at most {runtime.settings.max_steps}")
+    ends = []
+    for label, end in (("start", body.start), ("end", body.end)):
+        if end.z is not None:
+            ends.append(check_latents(runtime, body.model, [end.z], f"{label}.z")[0])
+            continue
+        assert end.image is not None
+        try:
+            x = await runtime.prepare_uploads(model, [decode_base64(end.image, 0)], body.invert)
+        except ImageError as exc:
+            raise unprocessable(f"{label}.image: {exc}") from None
+        ends.append((await runtime.encode(body.model, x))[0][0])
+    t = torch.linspace(0, 1, body.steps)[:, None]
+    a, b = ends
+    z = slerp(a, b, t) if body.method == "slerp" else (1 - t) * a + t * b
+    images = await runtime.decode(body.model, z)
+    return await images_response(request, runtime, body.model, z, images, columns=body.steps)
+
+
+@router.get("/models", response_model=ModelList, tags=["models"])
+async def list_models(runtime: RuntimeDep) -> ModelList:
+    """Every model in the repository: shapes, version, checksum, training data and metrics."""
+    return ModelList(models=[ModelInfo(**m) for m in runtime.describe()])
+
+
+@router.get("/models/{name}", response_model=ModelInfo, tags=["models"])
+async def get_model(name: str, runtime: RuntimeDep) -> ModelInfo:
+    """One model, also one that failed to load (with the reason)."""
+    for m in runtime.describe():
+        if m["name"] == name:
+            return ModelInfo(**m)
+    raise HTTPException(status_code=404, detail=f"no model named {name[:100]!r}; served: {', '.join(sorted(runtime.models))}")
+
+
+probes = APIRouter(tags=["operations"])
+
+
+@probes.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """The process is alive and its event loop answers."""
+    return Health(status="ok")
+
+
+@probes.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+async def readyz(request: Request) -> JSONResponse:
+    """200 once every model has loaded and passed warm-up (see strict mode); 503 with the reason otherwise."""
+    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        return JSONResponse(Health(status="loading").model_dump(), status_code=503)
+    ready, models = runtime.readiness()
+    status = "ready" if ready else ("draining" if runtime.draining else "not ready")
+    return JSONResponse(Health(status=status, models=models).model_dump(), status_code=200 if ready else 503)
+
+
+metrics_router = APIRouter(tags=["operations"])
+
+
+@metrics_router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics in the text exposition format."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,46 @@
+"""The one settings object: every knob, read from VAE_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VAE_", extra="ignore")
+
+    model_dir: Path = Field(Path("models"), description="the model repository: one folder per model")
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 only inside a container")
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    strict: bool = Field(True, description="any model that fails to load makes the service unready")
+    torch_threads: int = Field(0, ge=0, description="intra-op threads for torch; 0 keeps torch's default")
+
+    max_batch_size: int = Field(64, ge=1, description="most images in one encoder/decoder call")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for company, only under load")
+    queue_size: int = Field(2048, ge=1, description="most images queued per model before 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
+    drain_timeout_s: float = Field(20.0, ge=0, description="on SIGTERM, how long admitted requests may finish")
+
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger bodies get 413")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="larger uploads get 422 (decompression bombs)")
+    max_images_per_request: int = Field(64, ge=1, description="images per /encode request")
+    max_samples: int = Field(256, ge=1, description="most images per /sample or /decode request")
+    max_steps: int = Field(64, ge=2, description="most images in one /interpolate strip")
+
+    api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer <key>' when set")
+    api_key_file: Path | None = Field(None, description="read the API key from this file (a mounted secret)")
+    metrics_require_key: bool = Field(False, description="also require the API key on /metrics")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _read_key_file(self) -> Settings:
+        if self.api_key is None and self.api_key_file is not None:
+            key = self.api_key_file.read_text().strip()
+            if not key:
+                raise ValueError(f"api_key_file {self.api_key_file} is empty")
+            self.api_key = SecretStr(key)
+        return self

@@ -1,0 +1,189 @@
+"""Training data: the MNIST IDX files (read, or download and verify), and folders or zips of images."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import shutil
+import struct
+import urllib.request
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+# The gzip files of the original distribution and their published md5s.
+MNIST_FILES = {
+    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+class DataError(Exception):
+    """Training data that is missing or malformed: the message says what to fix."""
+
+
+@dataclass
+class Dataset:
+    """Images as uint8 (N, C, H, W), optional labels, and where they came from."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    source: dict[str, object] = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzip or not) into an array of its declared type and shape."""
+    opener: Callable[..., io.BufferedIOBase] = gzip.open if path.suffix == ".gz" else open  # type: ignore[assignment]
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number)")
+    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(f"{path} holds {len(raw) - header} bytes of data, its header promises {expected}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    # Accept both the canonical names and the "train-images.idx3-ubyte" spelling, gzipped or not.
+    for name in (stem, stem.replace("-idx", ".idx")):
+        for suffix in (".gz", ""):
+            if (directory / (name + suffix)).is_file():
+                return directory / (name + suffix)
+    raise DataError(f"{stem}[.gz] not found in {directory}; pass --download to fetch MNIST")
+
+
+def load_mnist(directory: Path, split: str) -> Dataset:
+    """The 60k training or 10k test split from the four standard IDX files in `directory`."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images_path = _find_idx(directory, f"{prefix}-images-idx3-ubyte")
+    labels_path = _find_idx(directory, f"{prefix}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"{images_path.name} {images.shape} and {labels_path.name} {labels.shape} do not match")
+    return Dataset(
+        images=torch.from_numpy(images.copy()).unsqueeze(1),  # (N, 1, 28, 28)
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        source={
+            "name": "MNIST",
+            "split": split,
+            "images": len(images),
+            "files": {p.name: _sha256(p) for p in (images_path, labels_path)},
+        },
+    )
+
+
+def download_mnist(directory: Path, mirror: str = MNIST_MIRROR) -> None:
+    """Fetch the four gzip files into `directory`, checking each md5 before keeping it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stem, md5 in MNIST_FILES.items():
+        target = directory / f"{stem}.gz"
+        if target.is_file() and hashlib.md5(target.read_bytes()).hexdigest() == md5:
+            continue
+        url = mirror.rstrip("/") + f"/{stem}.gz"
+        partial = target.with_suffix(".gz.part")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as out:
+                shutil.copyfileobj(response, out)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise DataError(f"could not download {url}: {exc}") from exc
+        actual = hashlib.md5(partial.read_bytes()).hexdigest()
+        if actual != md5:
+            partial.unlink()
+            raise DataError(f"{url} has md5 {actual}, expected {md5}: refusing a corrupt or altered file")
+        partial.replace(target)
+
+
+def center_crop_resize(image: Image.Image, size: int, channels: int = 3) -> np.ndarray:
+    """Square center crop, resize to size x size, as uint8 (C, H, W)."""
+    image = image.convert("RGB" if channels == 3 else "L")
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def _iter_images(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) for every image in a folder (recursively) or a zip, in sorted order."""
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+            yield str(file.relative_to(path)), file.read_bytes()
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(
+                n for n in archive.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX")
+            )
+            for name in names:
+                yield name, archive.read(name)
+    else:
+        raise DataError(f"{path} is neither a folder nor a zip of images")
+
+
+def load_images(path: Path, size: int, *, limit: int | None = None, progress: bool = False) -> Dataset:
+    """Decode every image under `path` once, center-cropped and resized to size x size RGB."""
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    arrays: list[np.ndarray] = []
+    skipped = 0
+    items = _iter_images(path)
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc=f"decoding {path.name}", unit="img", leave=False)
+    for _, data in items:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                arrays.append(center_crop_resize(image, size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            skipped += 1
+        if limit is not None and len(arrays) >= limit:
+            break
+    if not arrays:
+        raise DataError(f"no readable images in {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return Dataset(
+        images=torch.from_numpy(np.stack(arrays)),  # (N, 3, size, size) uint8
+        labels=None,
+        source={
+            "name": path.name,
+            "images": len(arrays),
+            "skipped_unreadable": skipped,
+            "files": {path.name: _sha256(path)} if path.is_file() else {},
+        },
+    )
+
+
+def split_holdout(data: Dataset, share: float, seed: int) -> tuple[Dataset, Dataset]:
+    """A fixed, seeded (train, validation) split."""
+    n = len(data.images)
+    n_val = max(1, int(round(n * share))) if n > 1 else 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val, train = order[:n_val], order[n_val:]
+    return (
+        Dataset(data.images[train], None if data.labels is None else data.labels[train], {**data.source, "split": "train"}),
+        Dataset(data.images[val], None if data.labels is None else data.labels[val], {**data.source, "split": "validation"}),
+    )

@@ -1,0 +1,203 @@
+"""Training and evaluation: read top to bottom, from data to exported artifact."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from train import data as datasets
+from train.config import TrainConfig
+from train.export import export, install
+from train.face_vae import FaceVAE, FaceVAEConfig
+from train.mnist_vae import MnistVAE, MnistVAEConfig
+from train.report import write_report
+from train.vae import vae_loss
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(config: TrainConfig) -> tuple[nn.Module, str]:
+    """The architecture for `config.model` and its name in the manifest."""
+    if config.model == "mnist":
+        return MnistVAE(MnistVAEConfig(latent_dim=config.latent_dim, hidden_dim=config.hidden_dim)), "mnist_fc_vae"
+    if config.model == "faces":
+        arch = FaceVAEConfig(latent_dim=config.latent_dim, image_size=config.image_size, hidden_dim=config.hidden_dim)
+        return FaceVAE(arch), "face_conv_vae"
+    raise ValueError(f"unknown model {config.model!r}: choose mnist or faces")
+
+
+def load_data(config: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, validation): MNIST validates on the official test set, faces on a seeded holdout."""
+    if config.model == "mnist":
+        if config.download:
+            datasets.download_mnist(config.data, config.mirror or datasets.MNIST_MIRROR)
+        train, val = datasets.load_mnist(config.data, "train"), datasets.load_mnist(config.data, "test")
+        if config.limit:
+            train = datasets.Dataset(train.images[: config.limit], train.labels[: config.limit], train.source)  # type: ignore[index]
+            val = datasets.Dataset(val.images[: config.limit], val.labels[: config.limit], val.source)  # type: ignore[index]
+        return train, val
+    everything = datasets.load_images(config.data, config.image_size, limit=config.limit, progress=True)
+    return datasets.split_holdout(everything, config.val_share, config.seed)
+
+
+def _batches(images: Tensor, batch_size: int, device: torch.device, shuffle: bool) -> list[Tensor]:
+    order = torch.randperm(len(images)) if shuffle else torch.arange(len(images))
+    return [images[idx] for idx in order.split(batch_size)]
+
+
+def _to_input(batch: Tensor, device: torch.device, hflip: bool) -> Tensor:
+    x = batch.to(device, non_blocking=True).float().div_(255)
+    if hflip:
+        flip = torch.rand(len(x), device=device) < 0.5
+        x[flip] = x[flip].flip(-1)
+    return x
+
+
+def train_epoch(
+    model: nn.Module, images: Tensor, optimizer: torch.optim.Optimizer, config: TrainConfig, beta: float, desc: str
+) -> dict[str, float]:
+    model.train()
+    device = next(model.parameters()).device
+    totals = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0}
+    seen = 0
+    bar = tqdm(_batches(images, config.batch_size, device, shuffle=True), desc=desc, unit="batch", leave=False)
+    for batch in bar:
+        x = _to_input(batch, device, hflip=config.hflip and config.model == "faces")
+        recon, mu, log_var = model(x)
+        terms = vae_loss(recon, x, mu, log_var, kind=config.loss, beta=beta)
+        optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        optimizer.step()
+        seen += len(x)
+        for key, value in zip(totals, terms):
+            totals[key] += float(value.detach())
+        bar.set_postfix(loss=f"{totals['loss'] / seen:.2f}", refresh=False)
+    return {
+        "reconstruction": totals["reconstruction"] / seen,
+        "kl": totals["kl"] / seen,
+        "neg_elbo": (totals["reconstruction"] + totals["kl"]) / seen,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: Tensor, config: TrainConfig) -> dict[str, float]:
+    """Per-image reconstruction, KL and negative ELBO (beta = 1) with one posterior sample."""
+    model.eval()
+    device = next(model.parameters()).device
+    rec = kl = sq = 0.0
+    for batch in _batches(images, 512, device, shuffle=False):
+        x = _to_input(batch, device, hflip=False)
+        recon, mu, log_var = model(x)
+        terms = vae_loss(recon, x, mu, log_var, kind=config.loss)
+        rec, kl = rec + float(terms.reconstruction), kl + float(terms.kl)
+        sq += float((model.decode(mu) - x).pow(2).sum())  # deterministic reconstruction from the mean
+    n, pixels = len(images), images[0].numel()
+    return {"reconstruction": rec / n, "kl": kl / n, "neg_elbo": (rec + kl) / n, "mse_per_pixel": sq / (n * pixels)}
+
+
+@torch.no_grad()
+def label_centroids(model: nn.Module, data: datasets.Dataset, device: torch.device) -> dict[str, list[float]]:
+    """Mean latent mean per label: where each class sits in the latent space (for maps and checks)."""
+    model.eval()
+    assert data.labels is not None
+    mu = torch.cat([model.encode(_to_input(b, device, hflip=False))[0].cpu() for b in data.images.split(512)])
+    return {str(int(label)): [round(float(v), 4) for v in mu[data.labels == label].mean(0)] for label in data.labels.unique()}
+
+
+def train(config: TrainConfig) -> Path:
+    """Train, write the run's pictures and metrics, export the artifact; returns the artifact folder."""
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    config.out.mkdir(parents=True, exist_ok=True)
+    train_set, val_set = load_data(config)
+    model, architecture = build_model(config)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    history: list[dict[str, float]] = []
+    commands = [config.command]  # every invocation that contributed to this run, resumes included
+
+    checkpoint_path = config.out / CHECKPOINT
+    if config.resume and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = json.loads(state["history"])
+        torch.set_rng_state(state["rng"])
+        commands = [*state.get("commands", []), config.command]
+        print(f"resumed from {checkpoint_path} after epoch {len(history)}")
+
+    print(
+        f"{config.model}: {len(train_set.images)} training / {len(val_set.images)} validation images, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, device {device}"
+    )
+    for epoch in range(len(history) + 1, config.epochs + 1):
+        started = time.perf_counter()
+        beta = config.beta * (min(1.0, epoch / config.kl_warmup_epochs) if config.kl_warmup_epochs else 1.0)
+        train_metrics = train_epoch(model, train_set.images, optimizer, config, beta, f"epoch {epoch}/{config.epochs}")
+        val_metrics = evaluate(model, val_set.images, config)
+        if not all(math.isfinite(v) for v in (*train_metrics.values(), *val_metrics.values())):
+            raise RuntimeError(f"the loss diverged in epoch {epoch}: try a lower --lr")
+        row = {"epoch": epoch, "seconds": round(time.perf_counter() - started, 1), "beta": beta}
+        row |= {f"train_{k}": v for k, v in train_metrics.items()} | {f"val_{k}": v for k, v in val_metrics.items()}
+        history.append(row)
+        print(
+            f"epoch {epoch:3d}  train rec {train_metrics['reconstruction']:.2f} kl {train_metrics['kl']:.2f} "
+            f"-elbo {train_metrics['neg_elbo']:.2f} | val rec {val_metrics['reconstruction']:.2f} "
+            f"kl {val_metrics['kl']:.2f} -elbo {val_metrics['neg_elbo']:.2f} "
+            f"mse/px {val_metrics['mse_per_pixel']:.5f}  ({row['seconds']}s)",
+            flush=True,
+        )
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "history": json.dumps(history),
+                "rng": torch.get_rng_state(),
+                "commands": commands,
+            },
+            checkpoint_path,
+        )
+
+    (config.out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    write_report(model, val_set.images[:2000], val_set.labels[:2000] if val_set.labels is not None else None, history, config.out)
+
+    final = {k.removeprefix("val_"): v for k, v in history[-1].items() if k.startswith("val_")} if history else (
+        evaluate(model, val_set.images, config)
+    )
+    metrics: dict[str, float] = {
+        "validation_reconstruction_per_image": round(final["reconstruction"], 4),
+        "validation_kl_per_image": round(final["kl"], 4),
+        "validation_neg_elbo_per_image": round(final["neg_elbo"], 4),
+        "validation_mse_per_pixel": round(final["mse_per_pixel"], 6),
+    }
+    metrics["epochs"] = len(history)
+    training = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "download", "models_dir", "command")}
+    training["commands"] = commands
+    data_info = {"train": train_set.source, "validation": val_set.source}
+    extra: dict[str, object] = {
+        # How the service should turn an upload into model input: MNIST's digit normalisation, or a crop.
+        "upload_normalization": "digit" if config.model == "mnist" else "center_crop",
+    }
+    if val_set.labels is not None:
+        extra["label_centroids"] = label_centroids(model, val_set, device)
+    artifact = export(
+        model, config.out / "artifact", name=config.name, architecture=architecture,
+        data=data_info, training=training, metrics=metrics, extra=extra,
+    )
+    print(f"artifact: {artifact.directory} (sha256 {artifact.sha256[:12]}…)")
+    if config.models_dir is not None:
+        print(f"installed: {install(artifact, config.models_dir)}")
+    return artifact.directory

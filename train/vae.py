@@ -1,0 +1,51 @@
+"""What every VAE here shares: the reparameterization trick, the KL term and the loss.
+
+Kingma & Welling, "Auto-Encoding Variational Bayes" (2013), Appendix B gives the closed-form KL.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def reparameterize(mu: Tensor, log_var: Tensor) -> Tensor:
+    """z = mu + sigma * eps, so gradients flow through mu and log_var."""
+    return mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+
+
+def kl_divergence(mu: Tensor, log_var: Tensor) -> Tensor:
+    """KL(q(z|x) || N(0, I)) per example, summed over latent dimensions: shape (B,)."""
+    return -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp(), dim=1)
+
+
+class LossTerms(NamedTuple):
+    loss: Tensor  # what the optimizer minimises: sum over the batch of recon + beta * KL
+    reconstruction: Tensor  # summed over the batch
+    kl: Tensor  # summed over the batch
+
+
+RECONSTRUCTION_LOSSES = ("bce", "mse", "l1")
+
+
+def reconstruction_loss(recon: Tensor, x: Tensor, kind: str) -> Tensor:
+    """Summed over pixels and batch (the write-up's choice of sum reduction)."""
+    if kind == "bce":
+        return F.binary_cross_entropy(recon, x, reduction="sum")
+    if kind == "mse":
+        return F.mse_loss(recon, x, reduction="sum")
+    if kind == "l1":
+        return F.l1_loss(recon, x, reduction="sum")
+    raise ValueError(f"unknown reconstruction loss {kind!r}; choose one of {RECONSTRUCTION_LOSSES}")
+
+
+def vae_loss(
+    recon: Tensor, x: Tensor, mu: Tensor, log_var: Tensor, *, kind: str, beta: float = 1.0
+) -> LossTerms:
+    """Negative ELBO (for beta = 1): reconstruction + beta * KL, summed over the batch."""
+    rec = reconstruction_loss(recon, x, kind)
+    kl = kl_divergence(mu, log_var).sum()
+    return LossTerms(rec + beta * kl, rec, kl)
