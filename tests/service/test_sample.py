@@ -1,0 +1,63 @@
+"""POST /sample: images from the prior, reproducible by seed."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import httpx
+
+from tests.conftest import decode_png
+
+
+async def test_one_image_is_a_png_of_the_model_shape(client: httpx.AsyncClient) -> None:
+    r = await client.post("/sample", json={"model": "faces", "seed": 1})
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "image/png"
+    assert r.headers["x-seed"] == "1"
+    image = decode_png(r.content)
+    assert image.size == (32, 32) and image.mode == "RGB"
+
+
+async def test_several_images_come_as_one_grid(client: httpx.AsyncClient) -> None:
+    r = await client.post("/sample", json={"model": "mnist", "n": 6, "columns": 3})
+    image = decode_png(r.content)
+    assert image.mode == "L"
+    assert image.size == (3 * 30 + 2, 2 * 30 + 2)  # 28 px tiles, 2 px gaps and border
+
+
+async def test_json_gives_latents_images_and_the_seed_used(client: httpx.AsyncClient) -> None:
+    r = await client.post("/sample", json={"model": "mnist", "n": 3}, headers={"accept": "application/json"})
+    body = r.json()
+    assert r.headers["content-type"] == "application/json"
+    assert body["model"] == "mnist" and isinstance(body["seed"], int)
+    assert r.headers["x-seed"] == str(body["seed"])
+    assert len(body["latents"]) == 3 and all(len(z) == 2 for z in body["latents"])
+    assert [decode_png(base64.b64decode(i)).size for i in body["images"]] == [(28, 28)] * 3
+
+
+async def test_same_seed_same_bytes_even_under_concurrent_load(client: httpx.AsyncClient) -> None:
+    request = {"model": "faces", "n": 3, "seed": 42}
+    alone = (await client.post("/sample", json=request)).content
+    noise = [client.post("/sample", json={"model": "faces", "n": k % 5 + 1}) for k in range(20)]
+    results = await asyncio.gather(*noise, *(client.post("/sample", json=request) for _ in range(5)))
+    assert all(r.status_code == 200 for r in results)
+    assert all(r.content == alone for r in results[-5:])
+
+
+async def test_temperature_zero_is_rejected(client: httpx.AsyncClient) -> None:
+    r = await client.post("/sample", json={"model": "faces", "temperature": 0})
+    assert r.status_code == 422
+    assert "temperature" in str(r.json()["detail"])
+
+
+async def test_n_over_the_limit_says_the_limit(client: httpx.AsyncClient) -> None:
+    r = await client.post("/sample", json={"model": "mnist", "n": 10**9})
+    assert r.status_code == 422
+    assert "256" in r.json()["detail"]
+
+
+async def test_unknown_model_is_404_naming_the_served_ones(client: httpx.AsyncClient) -> None:
+    r = await client.post("/sample", json={"model": "cats"})
+    assert r.status_code == 404
+    assert "faces" in r.json()["detail"] and "mnist" in r.json()["detail"]
