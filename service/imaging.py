@@ -42,7 +42,7 @@ class ImageError(ValueError):
 
 
 # Formats a browser, a phone or a script is likely to send. Pillow never parses SVG or PDF.
-ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "MPO")
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

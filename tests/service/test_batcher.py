@@ -1,0 +1,150 @@
+"""The batcher: collect -> predict -> split, with limits, deadlines and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from service.batcher import BatchFailed, Batcher, DeadlineExceeded, NotServing, QueueFull
+from service.metrics import Metrics
+
+
+class Recorder:
+    """A predict function that doubles its input and records the batch sizes it saw."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.sizes: list[int] = []
+        self.delay_s = delay_s
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.release.wait(5)
+        time.sleep(self.delay_s)
+        self.sizes.append(len(x))
+        return x * 2
+
+
+def make(predict, **overrides) -> Batcher:  # type: ignore[no-untyped-def]
+    options = {"max_batch_size": 8, "max_wait_s": 0.005, "queue_size": 64} | overrides
+    b = Batcher("m", "decode", predict, ThreadPoolExecutor(1), Metrics(), **options)
+    b.start()
+    return b
+
+
+async def test_a_lone_request_runs_at_once_and_gets_its_own_rows() -> None:
+    rec = Recorder()
+    b = make(rec)
+    (out,) = await b.submit(torch.arange(3.0)[:, None], timeout_s=5)
+    assert out.squeeze(1).tolist() == [0.0, 2.0, 4.0]
+    assert rec.sizes == [3]
+    await b.stop()
+
+
+async def test_concurrent_requests_share_a_batch_and_each_gets_its_own_answer() -> None:
+    rec = Recorder()
+    rec.release.clear()  # hold the model thread so that requests pile up
+    b = make(rec)
+    first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=5))
+    await asyncio.sleep(0.01)
+    rest = [asyncio.create_task(b.submit(torch.full((1, 1), float(i)), timeout_s=5)) for i in range(1, 6)]
+    await asyncio.sleep(0.01)
+    rec.release.set()
+    outs = await asyncio.gather(first, *rest)
+    assert [float(o[0]) for (o,) in outs] == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+    assert rec.sizes == [1, 5]  # the first ran alone; the five queued behind it ran as one batch
+    await b.stop()
+
+
+async def test_large_requests_are_split_so_no_batch_exceeds_the_limit() -> None:
+    rec = Recorder()
+    b = make(rec)
+    (out,) = await b.submit(torch.ones(20, 1), timeout_s=5)
+    assert len(out) == 20 and max(rec.sizes) <= 8 and sum(rec.sizes) == 20
+    await b.stop()
+
+
+async def test_a_full_queue_rejects_at_once() -> None:
+    rec = Recorder()
+    rec.release.clear()
+    b = make(rec, queue_size=4)
+    running = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=5))
+    await asyncio.sleep(0.01)
+    queued = asyncio.create_task(b.submit(torch.ones(4, 1), timeout_s=5))
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueFull):
+        await b.submit(torch.ones(1, 1), timeout_s=5)
+    rec.release.set()
+    await asyncio.gather(running, queued)
+    await b.stop()
+
+
+async def test_a_request_past_its_deadline_gets_an_error_not_a_hang() -> None:
+    rec = Recorder()
+    rec.release.clear()
+    b = make(rec)
+    with pytest.raises(DeadlineExceeded):
+        await b.submit(torch.ones(1, 1), timeout_s=0.05)
+    rec.release.set()
+    (out,) = await b.submit(torch.ones(1, 1), timeout_s=5)  # the batcher carries on
+    assert float(out[0]) == 2.0
+    await b.stop()
+
+
+async def test_a_failing_batch_fails_only_its_own_requests() -> None:
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        if (x < 0).any():
+            raise RuntimeError("boom")
+        return x
+
+    b = make(predict)
+    with pytest.raises(BatchFailed, match="RuntimeError"):
+        await b.submit(-torch.ones(2, 1), timeout_s=5)
+    (out,) = await b.submit(torch.ones(2, 1), timeout_s=5)
+    assert out.tolist() == [[1.0], [1.0]]
+    await b.stop()
+
+
+async def test_out_of_memory_splits_the_batch_and_retries() -> None:
+    sizes: list[int] = []
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(x))
+        if len(x) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return x + 1
+
+    b = make(predict)
+    (out,) = await b.submit(torch.zeros(8, 1), timeout_s=5)
+    assert out.squeeze(1).tolist() == [1.0] * 8
+    assert sizes == [8, 4, 2, 2, 4, 2, 2]  # halved until each part fits
+    await b.stop()
+
+
+async def test_outputs_with_several_tensors_are_split_per_request() -> None:
+    b = make(lambda x: (x, -x))
+    mu, log_var = await b.submit(torch.ones(3, 2), timeout_s=5)
+    assert mu.shape == log_var.shape == (3, 2) and float(log_var.sum()) == -6.0
+    await b.stop()
+
+
+async def test_after_stop_requests_are_refused_and_queued_ones_answered() -> None:
+    rec = Recorder()
+    rec.release.clear()
+    b = make(rec)
+    running = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=5))
+    await asyncio.sleep(0.01)
+    queued = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=5))
+    await asyncio.sleep(0.01)
+    await b.stop()
+    rec.release.set()
+    with pytest.raises(NotServing):
+        await queued
+    with pytest.raises(NotServing):
+        await b.submit(torch.ones(1, 1), timeout_s=5)
+    running.cancel()

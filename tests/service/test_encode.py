@@ -1,0 +1,81 @@
+"""POST /encode: images in any common format -> mu and log_var, one row per image."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from tests.conftest import png
+
+
+def jpeg(mode: str = "RGB", size: tuple[int, int] = (50, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, 128 if mode == "L" else (200, 100, 50)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+async def test_multipart_upload_returns_one_row_per_image(client: httpx.AsyncClient) -> None:
+    files = [("image", ("a.png", png(), "image/png")), ("image", ("b.jpg", jpeg(), "image/jpeg"))]
+    r = await client.post("/encode", data={"model": "faces"}, files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "faces" and body["latent_dim"] == 8
+    assert np.array(body["mu"]).shape == (2, 8) and np.array(body["log_var"]).shape == (2, 8)
+
+
+async def test_json_base64_upload_matches_multipart(client: httpx.AsyncClient) -> None:
+    image = png(size=(64, 48))
+    as_json = await client.post("/encode", json={"model": "faces", "images": [base64.b64encode(image).decode()]})
+    as_form = await client.post("/encode", data={"model": "faces"}, files={"image": ("x.png", image, "image/png")})
+    assert as_json.status_code == as_form.status_code == 200
+    assert as_json.json()["mu"] == as_form.json()["mu"]
+
+
+async def test_data_urls_are_accepted(client: httpx.AsyncClient) -> None:
+    url = "data:image/png;base64," + base64.b64encode(png()).decode()
+    r = await client.post("/encode", json={"model": "mnist", "images": [url]})
+    assert r.status_code == 200
+
+
+async def test_grayscale_rgba_and_palette_images_convert_to_the_model_channels(client: httpx.AsyncClient) -> None:
+    for mode in ("L", "RGBA", "P", "LA", "I;16"):
+        for model in ("mnist", "faces"):
+            r = await client.post("/encode", data={"model": model}, files={"image": ("x.png", png(mode=mode), "image/png")})
+            assert r.status_code == 200, (mode, model, r.text)
+
+
+async def test_dark_on_light_digits_are_inverted_automatically_for_mnist(client: httpx.AsyncClient) -> None:
+    ink_on_paper = np.full((100, 100), 255, dtype=np.uint8)
+    ink_on_paper[20:80, 45:55] = 0  # a black "1" on white paper
+    mnist_style = 255 - ink_on_paper
+    auto = await client.post("/encode", data={"model": "mnist"}, files={"image": ("a.png", png(ink_on_paper), "image/png")})
+    same = await client.post("/encode", data={"model": "mnist"}, files={"image": ("b.png", png(mnist_style), "image/png")})
+    forced = await client.post(
+        "/encode", data={"model": "mnist", "invert": "false"}, files={"image": ("a.png", png(ink_on_paper), "image/png")}
+    )
+    assert auto.json()["mu"] == same.json()["mu"]
+    assert forced.json()["mu"] != auto.json()["mu"]
+
+
+async def test_an_undecodable_image_is_422_saying_so(client: httpx.AsyncClient) -> None:
+    r = await client.post("/encode", data={"model": "faces"}, files={"image": ("x.png", b"not an image", "image/png")})
+    assert r.status_code == 422
+    assert "image" in r.json()["detail"]
+
+
+async def test_a_form_without_model_or_image_says_what_is_missing(client: httpx.AsyncClient) -> None:
+    no_model = await client.post("/encode", files={"image": ("x.png", png(), "image/png")})
+    no_image = await client.post("/encode", data={"model": "faces"}, files={"other": ("x.txt", b"x", "text/plain")})
+    assert no_model.status_code == 422 and "model" in no_model.json()["detail"]
+    assert no_image.status_code == 422 and "image" in no_image.json()["detail"]
+
+
+async def test_too_many_images_is_422_with_the_limit(client: httpx.AsyncClient) -> None:
+    images = [base64.b64encode(png()).decode()] * 65
+    r = await client.post("/encode", json={"model": "mnist", "images": images})
+    assert r.status_code == 422
+    assert "64" in r.json()["detail"]
