@@ -38,6 +38,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _read_key_file(self) -> Settings:
+        if self.api_key is not None and not self.api_key.get_secret_value().strip():
+            self.api_key = None  # VAE_API_KEY="" means no key, never "the empty key"
         if self.api_key is None and self.api_key_file is not None:
             key = self.api_key_file.read_text().strip()
             if not key:
