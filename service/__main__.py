@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +28,10 @@ class _DrainingServer(uvicorn.Server):
         if runtime is not None:
             runtime.draining = True
         super().handle_exit(sig, frame)  # type: ignore[arg-type]
+        # uvicorn re-raises a caught signal once it has shut down, which would end the process with -15 although
+        # the drain finished: a drained stop on SIGTERM is a clean exit (0). SIGINT keeps its KeyboardInterrupt.
+        if sig == signal.SIGTERM and sig in self._captured_signals:
+            self._captured_signals.remove(sig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_config=None,  # our JSON handler above
         access_log=False,  # our own access line carries the model and the duration
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),  # int(0.5) or None would wait forever
         limit_concurrency=None,
         workers=1,  # one process: several would load several copies of the models and split batches
     )

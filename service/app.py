@@ -20,14 +20,19 @@ from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
 from service.metrics import Metrics
 from service.routes import metrics_router, probes, router
 from service.runtime import ModelUnavailable, Runtime, UnknownModel
+from service.schemas import Problem
 from service.settings import Settings
 
 log = logging.getLogger("vae_serve")
 access_log = logging.getLogger("vae_serve.access")
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised from `receive`. An HTTPException, so that body parsers (FastAPI's JSON, the multipart form)
+    pass it on as the 413 it is instead of wrapping it into a 400 or 422."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is over the {limit}-byte limit")
 
 
 class LimitsAndAccessLog:
@@ -58,7 +63,7 @@ class LimitsAndAccessLog:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(self.max_body_bytes)
             return message
 
         try:
@@ -67,13 +72,12 @@ class LimitsAndAccessLog:
             declared = 0
         try:
             if declared > self.max_body_bytes:
-                raise _BodyTooLarge
+                raise _BodyTooLarge(self.max_body_bytes)
             await self.app(scope, receive_wrapper, send_wrapper)
-        except _BodyTooLarge:
+        except _BodyTooLarge as exc:
             if response_started:
                 raise
-            detail = f"the request body is over the {self.max_body_bytes}-byte limit"
-            await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send_wrapper)
+            await JSONResponse({"detail": exc.detail}, status_code=413)(scope, receive, send_wrapper)
         finally:
             self._observe(scope, status, time.perf_counter() - started)
 
@@ -106,15 +110,41 @@ class LimitsAndAccessLog:
             )
 
 
+# The error answers of the API routes, documented so that clients (and schema checks) know them.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "description": description}
+    for status, description in {
+        400: "the body could not be parsed (not UTF-8, or JSON nested too deeply)",
+        401: "missing or wrong API key (only when the server has one)",
+        404: "no model of that name",
+        413: "the request body is over the size limit",
+        415: "neither multipart/form-data nor JSON (POST /encode)",
+        422: "the request is invalid: the detail says what to fix",
+        429: "the model's queue is full: retry after Retry-After seconds",
+        500: "the model failed on this request's batch",
+        503: "the model failed to load, or the service is loading or shutting down",
+        504: "no answer within the request deadline",
+    }.items()
+}
+
+
 def _error(status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _clip(value: Any, limit: int = 100) -> Any:
+    return value[:limit] + "…" if isinstance(value, str) and len(value) > limit else value
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        # Never echo the input back: it may be huge. Type, location and message say what to fix.
-        errors = [{"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()[:20]]
+        # Never echo the input back: it may be huge. Type, location and message say what to fix; a location
+        # can hold a client-chosen key (an unexpected field), so its parts are cut short too.
+        errors = [
+            {"type": e.get("type"), "loc": [_clip(part) for part in e.get("loc", ())], "msg": _clip(e.get("msg"), 300)}
+            for e in exc.errors()[:20]
+        ]
         return _error(422, errors)
 
     handlers: list[tuple[type[Exception], int, dict[str, str] | None]] = [
@@ -186,7 +216,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     auth = Depends(_api_key_dependency(settings))
-    app.include_router(router, dependencies=[auth])
+    app.include_router(router, dependencies=[auth], responses=ERROR_RESPONSES)
     app.include_router(probes)
     app.include_router(metrics_router, dependencies=[auth] if settings.metrics_require_key else [])
     _install_error_handlers(app)

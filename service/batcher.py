@@ -9,6 +9,7 @@ Every admitted item gets an answer: a result, or an exception if its batch faile
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -41,6 +42,10 @@ class BatchFailed(Exception):
 
 class NotServing(Exception):
     """The batcher is stopped or stopping: answer 503."""
+
+
+class InvalidOutput(RuntimeError):
+    """The model's output is not one finite row per input: its batch fails rather than answer wrong values."""
 
 
 @dataclass
@@ -85,7 +90,7 @@ class Batcher:
         if not task.cancelled() and task.exception() is not None:
             log.error("batcher %s/%s stopped", self.name, self.op, exc_info=task.exception())
         self._closing = True
-        self._fail_queued("the model's batcher stopped")
+        self._fail_queued("the service is shutting down" if task.cancelled() else "the model's batcher stopped")
 
     @property
     def alive(self) -> bool:
@@ -171,6 +176,11 @@ class Batcher:
             try:
                 inputs = torch.cat([item.inputs for item in live])
                 outputs = await loop.run_in_executor(self._thread, self._call, inputs)
+            except asyncio.CancelledError:  # stopped mid-batch (a drain past its timeout): answer, then go
+                for item in live:
+                    if not item.future.done():
+                        item.future.set_exception(NotServing("the service is shutting down"))
+                raise
             except Exception as exc:  # one failing batch fails only its own requests
                 log.exception("model %s %s: a batch of %d images failed", self.name, self.op, len(inputs))
                 for item in live:
@@ -193,8 +203,15 @@ class Batcher:
         try:
             with torch.inference_mode():
                 out = self._predict(inputs)
-            outputs = out if isinstance(out, tuple) else (out,)
-            return tuple(o.float().cpu() for o in outputs)
+            outputs = tuple(o.float().cpu() for o in (out if isinstance(out, tuple) else (out,)))
+            if any(o.shape[:1] != inputs.shape[:1] for o in outputs):  # splitting would hand out wrong rows
+                shapes = ", ".join(str(tuple(o.shape)) for o in outputs)
+                raise InvalidOutput(f"model {self.name!r} answered a batch of {len(inputs)} with {shapes}")
+            # NaN would be null in JSON and black in a PNG. A NaN or inf anywhere makes the sum non-finite, and a
+            # sum is 30x cheaper than isfinite(o).all() on a batch of images.
+            if not all(bool(torch.isfinite(o.sum())) for o in outputs):
+                raise InvalidOutput(f"model {self.name!r} answered a batch of {len(inputs)} with non-finite values")
+            return outputs
         except torch.OutOfMemoryError:
             if len(inputs) == 1:
                 raise
@@ -217,10 +234,8 @@ class Batcher:
         self._closing = True
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         self._fail_queued("the service is shutting down")
 
     def _fail_queued(self, reason: str) -> None:

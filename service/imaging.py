@@ -64,7 +64,8 @@ def _to_mode(image: Image.Image, channels: int) -> np.ndarray:
     """Any mode -> uint8 (H, W, channels); transparency composited on white, 16-bit scaled down."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if values.max(initial=0) > 255 else 255.0
+        # A 16-bit mode is 16-bit by definition (a dark image stays dark); for 32-bit ones, guess from the values.
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
         gray = np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8)
         image = Image.fromarray(gray, mode="L")
     if image.mode == "P":

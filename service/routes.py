@@ -10,10 +10,13 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from service.batcher import NotServing
 from service.imaging import ImageError
 from service.runtime import Runtime
 from service.schemas import (
@@ -37,8 +40,11 @@ _IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
+# async: a plain def dependency would cost every request a trip through the thread pool
+async def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+    if runtime is None:  # the lifespan is still loading the models
+        raise NotServing("the models are still loading")
     return runtime
 
 
@@ -155,19 +161,12 @@ async def read_encode_request(request: Request, max_images: int) -> tuple[str, l
     if content_type.startswith("application/json") or not content_type:
         try:
             body = EncodeJSONRequest.model_validate_json(await request.body())
-        except ValueError as exc:
-            raise HTTPException(status_code=422, detail=_validation_detail(exc)) from None
+        except ValidationError as exc:  # answered like every other invalid body: bounded, input never echoed
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
         if len(body.images) > max_images:
             raise unprocessable(f"{len(body.images)} images; this server encodes at most {max_images} per request")
         return body.model, [decode_base64(v, i) for i, v in enumerate(body.images)], body.invert
     raise HTTPException(status_code=415, detail="send multipart/form-data with 'image' files, or JSON with base64 'images'")
-
-
-def _validation_detail(exc: ValueError) -> Any:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        return [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in errors(include_url=False)]
-    return str(exc)
 
 
 @router.post("/encode", response_model=EncodeResponse, openapi_extra=_ENCODE_BODY, tags=["encode"])

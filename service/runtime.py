@@ -7,6 +7,7 @@ pool of image threads; Pillow releases the GIL while it compresses).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -140,8 +141,9 @@ class Runtime:
             *(
                 loop.run_in_executor(
                     self.image_threads,
-                    lambda data=data: imaging.prepare_upload(
-                        data, model.image_shape, max_pixels=self.settings.max_image_pixels, invert=invert, digit=digit
+                    functools.partial(
+                        imaging.prepare_upload, data, model.image_shape,
+                        max_pixels=self.settings.max_image_pixels, invert=invert, digit=digit,
                     ),
                 )
                 for data in files

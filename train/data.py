@@ -9,6 +9,7 @@ import shutil
 import struct
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,11 @@ class Dataset:
     labels: torch.Tensor | None
     source: dict[str, object] = field(default_factory=dict)
 
+    def head(self, n: int) -> Dataset:
+        """The first `n` examples; `source` then counts only those (what the manifest should report)."""
+        labels = None if self.labels is None else self.labels[:n]
+        return Dataset(self.images[:n], labels, {**self.source, "images": len(self.images[:n])})
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -53,12 +59,17 @@ def _sha256(path: Path) -> str:
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (gzip or not) into an array of its declared type and shape."""
     opener: Callable[..., io.BufferedIOBase] = gzip.open if path.suffix == ".gz" else open  # type: ignore[assignment]
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # not gzip, cut short or corrupt: gzip raises all three
+        raise DataError(f"{path} could not be read: {exc}") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated: {len(raw)} bytes, its header alone needs {header}")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:
@@ -180,7 +191,7 @@ def load_images(path: Path, size: int, *, limit: int | None = None, progress: bo
 def split_holdout(data: Dataset, share: float, seed: int) -> tuple[Dataset, Dataset]:
     """A fixed, seeded (train, validation) split."""
     n = len(data.images)
-    n_val = max(1, int(round(n * share))) if n > 1 else 0
+    n_val = max(1, round(n * share)) if n > 1 else 0
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val, train = order[:n_val], order[n_val:]
     return (

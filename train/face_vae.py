@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,7 @@ class FaceVAE(nn.Module):
         flat = config.channels[-1] * k * k
 
         self.encoder = nn.Sequential(
-            *[_down(a, b) for a, b in zip(widths[:-1], widths[1:])],  # (B, 512, k, k)
+            *[_down(a, b) for a, b in itertools.pairwise(widths)],  # (B, 512, k, k)
             nn.Flatten(),
             nn.Linear(flat, config.hidden_dim),
         )
@@ -71,7 +72,7 @@ class FaceVAE(nn.Module):
             nn.Linear(config.hidden_dim, flat),
             nn.Unflatten(1, (config.channels[-1], k, k)),  # (B, 512, k, k)
             # The last block maps to RGB, BatchNorm and LeakyReLU included, as in the write-up.
-            *[_up(a, b) for a, b in zip(up_widths[:-1], up_widths[1:])],
+            *[_up(a, b) for a, b in itertools.pairwise(up_widths)],
             nn.Sigmoid(),  # (B, 3, H, W) in [0, 1]
         )
 

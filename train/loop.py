@@ -46,8 +46,7 @@ def load_data(config: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
             datasets.download_mnist(config.data, config.mirror or datasets.MNIST_MIRROR)
         train, val = datasets.load_mnist(config.data, "train"), datasets.load_mnist(config.data, "test")
         if config.limit:
-            train = datasets.Dataset(train.images[: config.limit], train.labels[: config.limit], train.source)  # type: ignore[index]
-            val = datasets.Dataset(val.images[: config.limit], val.labels[: config.limit], val.source)  # type: ignore[index]
+            train, val = train.head(config.limit), val.head(config.limit)
         return train, val
     everything = datasets.load_images(config.data, config.image_size, limit=config.limit, progress=True)
     return datasets.split_holdout(everything, config.val_share, config.seed)
@@ -82,7 +81,7 @@ def train_epoch(
         terms.loss.backward()
         optimizer.step()
         seen += len(x)
-        for key, value in zip(totals, terms):
+        for key, value in zip(totals, terms, strict=False):
             totals[key] += float(value.detach())
         bar.set_postfix(loss=f"{totals['loss'] / seen:.2f}", refresh=False)
     return {
@@ -122,8 +121,8 @@ def train(config: TrainConfig) -> Path:
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
     config.out.mkdir(parents=True, exist_ok=True)
+    model, architecture = build_model(config)  # first: a bad --image-size fails before the data is decoded
     train_set, val_set = load_data(config)
-    model, architecture = build_model(config)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     history: list[dict[str, float]] = []
@@ -135,7 +134,7 @@ def train(config: TrainConfig) -> Path:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history = json.loads(state["history"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # map_location put it on `device`; the CPU generator needs it back
         commands = [*state.get("commands", []), config.command]
         print(f"resumed from {checkpoint_path} after epoch {len(history)}")
 

@@ -21,7 +21,8 @@ def _save(images: Tensor, path: Path, columns: int | None = None) -> None:
 def _pca_2d(points: Tensor) -> Tensor:
     centred = points - points.mean(0)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
-    return centred @ v[:2].T
+    projected = centred @ v[:2].T  # fewer than 2 columns for one point or a 1-d latent: pad with zeros
+    return torch.nn.functional.pad(projected, (0, 2 - projected.shape[1]))
 
 
 @torch.no_grad()
@@ -76,7 +77,7 @@ def write_report(
     if history:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4))
         epochs = [h["epoch"] for h in history]
-        for ax, key in zip(axes, ("neg_elbo", "reconstruction", "kl")):
+        for ax, key in zip(axes, ("neg_elbo", "reconstruction", "kl"), strict=False):
             ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
             ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
             ax.set_xlabel("epoch")

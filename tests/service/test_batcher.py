@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from service.batcher import BatchFailed, Batcher, DeadlineExceeded, NotServing, QueueFull
+from service.batcher import Batcher, BatchFailed, DeadlineExceeded, NotServing, QueueFull
 from service.metrics import Metrics
 
 

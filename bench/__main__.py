@@ -1,0 +1,214 @@
+"""python -m bench (make bench): the in-process ceiling, then the real service under wrk; see bench/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import ceiling, load, report
+from bench.server import running_server
+from service.artifact import ArtifactError, read_artifact
+from service.repository import discover, pick_device
+
+REPO = Path(__file__).resolve().parents[1]
+BATCHES = (1, 8, 32, 64)
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def comma_ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--models-dir", type=Path, default=REPO / "models", help="model repository (default: models/)")
+    p.add_argument("--models", type=lambda s: [v for v in s.split(",") if v],
+                   help="comma-separated models to measure (default: every model in --models-dir)")
+    p.add_argument("--threads", type=comma_ints, default=[0],
+                   help="VAE_TORCH_THREADS values to measure, e.g. 1,2 (0: torch's default; default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... for the ceiling and the service (VAE_DEVICE)")
+    p.add_argument("--duration", type=float, default=6.0, help="seconds per wrk run (default 6)")
+    p.add_argument("--quick", action="store_true", help="3 s wrk runs and shorter in-process timings")
+    p.add_argument("--only", choices=("ceiling", "service"), help="measure only one part")
+    p.add_argument("--env", action="append", default=[], metavar="VAE_NAME=VALUE",
+                   help="an extra service setting, e.g. --env VAE_MAX_WAIT_MS=1 (repeatable)")
+    p.add_argument("--wrk-threads", type=int, default=1, help="wrk's threads (default 1: the cores are the server's)")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder (bench/results)")
+    p.add_argument("--check", action="store_true", help="exit 1 when a target fails")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration = min(args.duration, 3.0)
+    if any(t < 0 for t in args.threads):
+        p.error("--threads takes counts of 0 or more (0: torch's default)")
+    for item in args.env:
+        if not re.fullmatch(r"VAE_[A-Z0-9_]+=.*", item):
+            p.error(f"--env takes VAE_NAME=VALUE, not {item!r}")
+    return args
+
+
+def git_commit() -> str | None:
+    """HEAD, and whether service/ differs from it (the code being measured)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        modified = " (service/ modified)" if git("status", "--porcelain", "service") else ""
+        return git("rev-parse", "--short", "HEAD") + modified
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE) if cpuinfo.exists() else []
+    memory_kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
+    return {
+        "host": socket.gethostname(),
+        "cpu_model": names[0] if names else platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "memory_gib": memory_kib / 2**20,
+        "torch": torch.__version__,
+        "torch_default_threads": ceiling.DEFAULT_THREADS,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "commit": git_commit(),
+        "load_average_start": list(os.getloadavg()),
+    }
+
+
+def measure_service(args: argparse.Namespace, models: list[str], uploads: dict[str, bytes], threads_setting: int,
+                    workdir: Path) -> dict[str, Any]:
+    """Start the service at one thread setting, warm it up, run every scenario, stop it."""
+    env = {"VAE_TORCH_THREADS": str(threads_setting), "VAE_DEVICE": args.device}
+    env |= dict(item.split("=", 1) for item in args.env)
+    bodies = {s: load.write_body(s, uploads[s.model], workdir) for s in load.scenarios(models)}
+    bodies |= {s: load.write_body(s, uploads[s.model], workdir) for s in load.warm_up_scenarios(models)}
+    with running_server(args.models_dir.resolve(), env, workdir / f"server-{threads_setting}.log") as server:
+        say(f"service VAE_TORCH_THREADS={threads_setting}: ready in {server.ready_s:.2f} s (pid {server.pid})")
+        for s in load.warm_up_scenarios(models):
+            body, content_type = bodies[s]
+            load.run_wrk(f"{server.url}/{s.endpoint}", body, content_type, s.accept, s.concurrency, 1.0)
+        after_warm_up = server.memory_mb()["rss"]
+        runs = []
+        for s in load.scenarios(models):
+            time.sleep(0.5)  # let the previous run's last answers drain
+            body, content_type = bodies[s]
+            run = load.measure(server, s, body, content_type, args.duration, args.wrk_threads)
+            runs.append(run)
+            errors = run["non_2xx"] + sum(run["socket_errors"].values())
+            say(f"  {s.model:6} {s.request:17} c={s.concurrency:<3} {run['images_per_s']:9.1f} images/s  "
+                f"p50 {run['latency_ms']['p50']:8.1f} ms  p99 {run['latency_ms']['p99']:8.1f} ms  errors {errors}  "
+                f"mean batch {report.num(run['mean_batch'])}  other CPU {run['other_cores']:.2f}")
+        memory = server.memory_mb()
+        failed = any(r["non_2xx"] or any(r["socket_errors"].values()) for r in runs)
+        log_tail = server.log_tail() if failed else None  # the server's own account of the errors
+    return {
+        "threads_setting": threads_setting,
+        "env": env,
+        "models": [d.name for d in discover(args.models_dir)],  # the server loads them all, measured or not
+        "ready_s": server.ready_s,
+        "memory_mib": {"after_warm_up": after_warm_up, "after_load": memory["rss"], "peak": memory["peak"]},
+        "runs": runs,
+        "log_tail": log_tail,
+    }
+
+
+def write_results(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """bench/results/<timestamp>-<host>.json and latest.md, each written whole or not at all."""
+    out.mkdir(parents=True, exist_ok=True)
+    host = re.sub(r"[^A-Za-z0-9.-]+", "_", results["machine"]["host"])
+    stamp = results["started"].replace("-", "").replace(":", "").replace(" UTC", "Z").replace(" ", "T")
+    paths = (out / f"{stamp}-{host}.json", out / "latest.md")
+    for path, text in zip(paths, (json.dumps(results, indent=2) + "\n", report.markdown(results)), strict=True):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    models_dir: Path = args.models_dir
+    models = args.models or [d.name for d in discover(models_dir)]
+    if not models:
+        raise SystemExit(f"no models in {models_dir}")
+    try:
+        artifacts = {name: read_artifact(models_dir / name) for name in models}
+    except ArtifactError as exc:
+        raise SystemExit(f"cannot measure {models_dir}: {exc}") from None
+    device = pick_device(args.device)
+    results: dict[str, Any] = {
+        "schema": 1,
+        "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "machine": machine(device),
+        "options": {
+            "command": " ".join(["python -m bench", shlex.join(sys.argv[1:] if argv is None else argv)]).strip(),
+            "models_dir": str(models_dir),
+            "models": models,
+            "threads": args.threads,
+            "duration_s": args.duration,
+            "quick": args.quick,
+            "env": args.env,
+            "wrk": load.wrk_version() if args.only != "ceiling" else None,
+            "wrk_threads": args.wrk_threads,
+        },
+        "ceiling": [],
+        "service": [],
+        "targets": [],
+    }
+    if "faces" not in models:
+        say("no faces model: the targets, which are about faces, are skipped")
+
+    uploads = {}
+    for name, artifact in artifacts.items():
+        uploads[name] = ceiling.sample_upload(artifact.load(device), artifact, device)
+
+    if args.only != "service":
+        for threads_setting in args.threads:
+            for name, artifact in artifacts.items():
+                rows = ceiling.measure_model(artifact, device, BATCHES, threads_setting, 0.3 if args.quick else 1.0)
+                results["ceiling"] += [asdict(r) for r in rows]
+                say(f"ceiling {name} threads={rows[0].threads}: " + ", ".join(
+                    f"{r.mode}@{r.batch} {r.images_per_s:.0f}/s" for r in rows if r.batch in (1, 64)))
+
+    if args.only != "ceiling":
+        with tempfile.TemporaryDirectory(prefix="vae-bench-") as tmp:
+            for threads_setting in args.threads:
+                service = measure_service(args, models, uploads, threads_setting, Path(tmp))
+                report.add_ratios(service, results["ceiling"])
+                results["service"].append(service)
+                results["targets"] += [t.as_dict() for t in report.targets(service, results["ceiling"])]
+
+    results["machine"]["load_average_end"] = list(os.getloadavg())
+    json_path, md_path = write_results(results, args.out)
+    print(report.markdown(results))
+    for t in results["targets"]:
+        print(f"{report.verdict(t)}  [VAE_TORCH_THREADS={t['threads_setting']}] {t['name']}: {t['detail']}")
+    say(f"wrote {json_path} and {md_path}")
+    return 1 if args.check and any(t["passed"] is False for t in results["targets"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

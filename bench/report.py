@@ -1,0 +1,211 @@
+"""The targets and the markdown report (bench/results/latest.md), both read from one results dict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+TARGET_MODEL = "faces"
+READY_LIMIT_S = 5.0
+RSS_LIMIT_MIB = 1024.0
+QUIET_OTHER_CPU = 0.25  # above this many cores busy elsewhere, a verdict says more about the machine
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    threads_setting: int
+    measured: float | None  # None: not measured in this run (e.g. no faces model)
+    limit: float
+    higher_is_better: bool
+    detail: str
+    other_cpu: float = 0.0  # the most CPU other processes used during the measurements compared
+
+    @property
+    def passed(self) -> bool | None:
+        if self.measured is None:
+            return None
+        return self.measured >= self.limit if self.higher_is_better else self.measured <= self.limit
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"passed": self.passed, "quiet": self.other_cpu <= QUIET_OTHER_CPU}
+
+
+def verdict(target: dict[str, Any], bold: bool = False) -> str:
+    """PASS, FAIL or SKIP; marked when the machine was busy, because then it is not a verdict on the service."""
+    word = {True: "PASS", False: "FAIL", None: "SKIP"}[target["passed"]]
+    if bold and target["passed"] is False:
+        word = f"**{word}**"
+    if target["passed"] is not None and not target["quiet"]:
+        word += f" (busy machine: other CPU {target['other_cpu']:.2f})"
+    return word
+
+
+def find_ceiling(
+    ceiling: list[dict[str, Any]], model: str, mode: str, batch: int, threads_setting: int
+) -> dict[str, Any] | None:
+    for row in ceiling:
+        if (row["model"], row["mode"], row["batch"], row["threads_setting"]) == (model, mode, batch, threads_setting):
+            return row
+    return None
+
+
+def find_run(service: dict[str, Any], model: str, request: str, concurrency: int) -> dict[str, Any] | None:
+    for run in service["runs"]:
+        if (run["model"], run["request"], run["concurrency"]) == (model, request, concurrency):
+            return run
+    return None
+
+
+def add_ratios(service: dict[str, Any], ceiling: list[dict[str, Any]]) -> None:
+    """Each run's images/s over the in-process ceiling named in it (same model and thread setting)."""
+    for run in service["runs"]:
+        ref = run["ceiling"]
+        row = find_ceiling(ceiling, run["model"], ref["mode"], ref["batch"], service["threads_setting"])
+        ref["images_per_s"] = row["images_per_s"] if row else None
+        run["ratio"] = run["images_per_s"] / row["images_per_s"] if row else None
+
+
+def _other(*rows: dict[str, Any] | None) -> float:
+    return max((r["other_cores"] for r in rows if r is not None), default=0.0)
+
+
+def _throughput_target(name: str, t: int, run: dict[str, Any] | None, ceiling: dict[str, Any] | None,
+                       limit: float) -> Target:
+    if run is None or ceiling is None:
+        return Target(name, t, None, limit, True, "not measured")
+    ratio = run["images_per_s"] / ceiling["images_per_s"]
+    detail = f"{run['images_per_s']:.1f} vs {ceiling['images_per_s']:.1f} images/s"
+    return Target(name, t, ratio, limit, True, detail, _other(run, ceiling))
+
+
+def targets(service: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[Target]:
+    """The five targets for one service run (one thread setting); each compares like with like on `faces`."""
+    t, m = service["threads_setting"], TARGET_MODEL
+    png64 = find_ceiling(ceiling, m, "decode+png", 64, t)
+    png1 = find_ceiling(ceiling, m, "decode+png", 1, t)
+    c1 = find_run(service, m, "sample n=1", 1)
+    latency = Target(f"{m} n=1 c=1 p50 latency <= 1.25x in-process batch-1 decode+PNG", t, None, 1.25, False,
+                     "not measured")
+    if c1 and png1:
+        p50, inproc = c1["latency_ms"]["p50"], 1000 * png1["median_s"]
+        latency = replace(latency, measured=p50 / inproc, detail=f"{p50:.1f} vs {inproc:.1f} ms",
+                          other_cpu=_other(c1, png1))
+    peak, busiest = service["memory_mib"]["peak"], _other(*service["runs"])
+    return [
+        _throughput_target(f"{m} n=1 c=64 images/s >= 0.9x ceiling (decode+PNG, batch 64)", t,
+                           find_run(service, m, "sample n=1", 64), png64, 0.9),
+        latency,
+        _throughput_target(f"{m} n=64 c=1 images/s >= 1.0x ceiling (decode+PNG, batch 64)", t,
+                           find_run(service, m, "sample n=64 json", 1), png64, 1.0),
+        Target(f"ready < {READY_LIMIT_S:g} s ({', '.join(service['models'])})", t, service["ready_s"], READY_LIMIT_S,
+               False, f"{service['ready_s']:.2f} s", busiest),
+        Target(f"RSS < {RSS_LIMIT_MIB:.0f} MiB (peak over the whole run)", t, peak, RSS_LIMIT_MIB, False,
+               f"{peak:.0f} MiB"),  # memory does not depend on how busy the machine is
+    ]
+
+
+def num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _errors(run: dict[str, Any]) -> str:
+    socket = {k: v for k, v in run["socket_errors"].items() if v}
+    parts = ([f"{run['non_2xx']} non-2xx"] if run["non_2xx"] else []) + [f"{v} {k}" for k, v in socket.items()]
+    return ", ".join(parts) or "0"
+
+
+def _table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
+    """`align`: one letter per column, l or r."""
+    rule = ["---:" if a == "r" else "---" for a in align]
+    return ["| " + " | ".join(cells) + " |" for cells in (header, rule, *rows)]
+
+
+def ceiling_table(ceiling: list[dict[str, Any]]) -> list[str]:
+    groups: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}
+    for row in ceiling:
+        groups.setdefault((row["model"], row["threads_setting"], row["batch"]), {})[row["mode"]] = row
+    rows = []
+    for (model, setting, batch), modes in sorted(groups.items()):
+        threads = next(iter(modes.values()))["threads"]
+        png = modes.get("decode+png")
+        rows.append([
+            model, f"{threads}" if setting else f"default ({threads})", str(batch),
+            *(num(modes[mode]["images_per_s"]) if mode in modes else "-" for mode in ("decode", "decode+png")),
+            num(1000 * png["median_s"], 2) if png else "-",
+            num(modes["upload+encode"]["images_per_s"]) if "upload+encode" in modes else "-",
+            num(max(r["other_cores"] for r in modes.values()), 2),
+        ])
+    header = ["model", "torch threads", "batch", "decode", "decode+PNG", "ms per batch (decode+PNG)", "upload+encode",
+              "other CPU"]
+    return _table(header, "llrrrrrr", rows)
+
+
+def service_table(service: dict[str, Any]) -> list[str]:
+    rows = []
+    for run in service["runs"]:
+        ref = run["ceiling"]
+        label = "decode+PNG" if ref["mode"] == "decode+png" else ref["mode"]
+        latency = run["latency_ms"]
+        rows.append([
+            run["model"], run["request"], str(run["concurrency"]), num(run["requests_per_s"]), num(run["images_per_s"]),
+            num(latency["p50"]), num(latency["p99"]), _errors(run),
+            f"{run['ratio']:.2f}x {label}@{ref['batch']}" if run.get("ratio") is not None else "-",
+            num(run["mean_batch"]), num(run["server_cpu_cores"], 2), num(run["loop_cpu_cores"], 2),
+            num(run["other_cores"], 2),
+        ])
+    header = ["model", "request", "conc.", "req/s", "images/s", "p50 ms", "p99 ms", "errors", "vs ceiling",
+              "mean batch", "server CPU", "loop CPU", "other CPU"]
+    return _table(header, "llrrrrrllrrrr", rows)
+
+
+def target_table(items: list[dict[str, Any]]) -> list[str]:
+    rows = []
+    for t in items:
+        measured = "-" if t["measured"] is None else f"{t['measured']:.2f} ({t['detail']})"
+        limit = f"{'>=' if t['higher_is_better'] else '<='} {t['limit']:g}"
+        rows.append([t["name"], str(t["threads_setting"] or "default"), measured, limit, verdict(t, bold=True)])
+    return _table(["target", "VAE_TORCH_THREADS", "measured", "limit", "result"], "lllll", rows)
+
+
+def _busiest_other(results: dict[str, Any]) -> float:
+    return _other(*results["ceiling"], *(run for s in results["service"] for run in s["runs"]))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m, o = results["machine"], results["options"]
+    device = f"`{m['device']}`" + (f" ({m['device_name']})" if m.get("device_name") else "")
+    busiest = _busiest_other(results)
+    lines = [
+        f"# vae-serve benchmark, {results['started']}, {m['host']}",
+        "",
+        f"- Machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs ({m['cpus']} in all), "
+        f"{m['memory_gib']:.0f} GiB; device {device}.",
+        f"- Software: torch {m['torch']} (default {m['torch_default_threads']} intra-op threads), Python {m['python']}"
+        + (f", {o['wrk']} ({o['wrk_threads']} thread)" if o["wrk"] else "") + f"; commit {m['commit'] or 'unknown'}.",
+        f"- Command: `{o['command']}`: {o['duration_s']:g} s per load run, models from `{o['models_dir']}`"
+        + (f", service settings {' '.join(o['env'])}" if o["env"] else "") + ".",
+        f"- Load average at the start {m['load_average_start'][0]:.2f}; other processes used up to {busiest:.2f} "
+        "CPUs during a measurement (`other CPU`)"
+        + (": **the machine was not quiet; rerun before comparing or judging a target**." if busiest > QUIET_OTHER_CPU
+           else "."),
+        "",
+        "## Ceiling: in-process images/s (one Python thread, no HTTP)",
+        "",
+        *ceiling_table(results["ceiling"]),
+    ]
+    for service in results["service"]:
+        mem = service["memory_mib"]
+        default = " (torch's default)" if not service["threads_setting"] else ""
+        lines += [
+            "",
+            f"## Service, VAE_TORCH_THREADS={service['threads_setting']}{default}",
+            "",
+            f"Ready {service['ready_s']:.2f} s after the process started. RSS {mem['after_warm_up']:.0f} MiB after "
+            f"warm-up, {mem['after_load']:.0f} MiB after the load, peak {mem['peak']:.0f} MiB.",
+            "",
+            *service_table(service),
+        ]
+    if results["targets"]:
+        lines += ["", "## Targets", "", *target_table(results["targets"])]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,127 @@
+"""Overload: far more requests than the queue holds. Excess requests get 429 at once (with Retry-After), admitted
+ones complete with 200, memory stays bounded, and a request past its deadline gets 504."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+import torch
+
+from service.settings import Settings
+from tests.conftest import png
+from tests.service.tools import peak_memory_growth, serve_with_hook
+
+MODEL_SECONDS = 0.02  # a stand-in model that takes this long per batch, whatever its size
+
+
+def slow_model(model: str, op: str, inputs: torch.Tensor) -> None:
+    time.sleep(MODEL_SECONDS)
+
+
+@pytest.fixture
+def overload_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"queue_size": 8, "max_batch_size": 4})
+
+
+async def timed_post(client: httpx.AsyncClient, path: str, **kwargs: object) -> tuple[httpx.Response, float]:
+    started = time.perf_counter()
+    response = await client.post(path, **kwargs)  # type: ignore[arg-type]
+    return response, time.perf_counter() - started
+
+
+async def test_a_burst_of_400_requests_gets_429_at_once_for_the_excess_and_200_for_the_admitted(
+    overload_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serve_with_hook(overload_settings, monkeypatch, slow_model) as client:
+        with peak_memory_growth() as growth:
+            results = await asyncio.gather(
+                *(timed_post(client, "/sample", json={"model": "faces", "seed": i}) for i in range(400))
+            )
+        statuses = Counter(r.status_code for r, _ in results)
+        assert set(statuses) == {200, 429}, statuses
+        assert statuses[200] >= 8  # at least a queue's worth was admitted
+        admitted = [seconds for r, seconds in results if r.status_code == 200]
+        for r, seconds in results:
+            if r.status_code == 429:
+                assert r.headers["retry-after"] == "1"
+                assert "images queued (limit 8)" in r.json()["detail"]
+                assert seconds < max(admitted)  # refused before the admitted work was done, not after it
+        assert growth[0] < 200 * 2**20
+        assert (await client.post("/sample", json={"model": "faces"})).status_code == 200
+
+
+async def client_loop(client: httpx.AsyncClient, until: float, statuses: Counter[int], slowest_429: list[float],
+                      body: dict[str, object]) -> None:
+    while time.monotonic() < until:
+        r, seconds = await timed_post(client, "/sample", json=body)
+        statuses[r.status_code] += 1
+        if r.status_code == 429:
+            assert r.headers["retry-after"]
+            slowest_429[0] = max(slowest_429[0], seconds)
+
+
+async def test_sustained_overload_from_300_clients_keeps_the_service_up_with_bounded_memory(
+    overload_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serve_with_hook(overload_settings, monkeypatch, slow_model) as client:
+        statuses: Counter[int] = Counter()
+        slowest_429 = [0.0]
+        until = time.monotonic() + 3
+        with peak_memory_growth() as growth:
+            bodies: list[dict[str, object]] = [{"model": ("faces", "mnist")[i % 2], "n": 1 + i % 3} for i in range(300)]
+            await asyncio.gather(*(client_loop(client, until, statuses, slowest_429, body) for body in bodies))
+        assert set(statuses) == {200, 429}, statuses
+        assert statuses[200] >= 8 and statuses[429] > statuses[200]  # admitted ones complete, the excess is refused
+        assert slowest_429[0] < 3  # a refusal never waits for the model (0.6 s here: 300 clients on one event loop)
+        assert growth[0] < 300 * 2**20
+        # Afterwards: ready, nothing left queued, and every refusal counted as such.
+        assert (await client.get("/readyz")).status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert 'vae_queue_depth_images{model="faces",op="decode"} 0.0' in metrics
+        assert f'vae_failures_total{{reason="rejected"}} {float(statuses[429])}' in metrics
+        assert (await client.post("/sample", json={"model": "faces", "n": 4})).status_code == 200
+
+
+async def test_encode_under_overload_also_answers_only_200_or_429(
+    overload_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = base64.b64encode(png(size=(32, 32))).decode()
+    async with serve_with_hook(overload_settings, monkeypatch, slow_model) as client:
+        results = await asyncio.gather(
+            *(timed_post(client, "/encode", json={"model": "faces", "images": [image]}) for _ in range(200))
+        )
+        statuses = Counter(r.status_code for r, _ in results)
+        assert set(statuses) == {200, 429}, statuses
+        assert all(r.headers["retry-after"] == "1" for r, _ in results if r.status_code == 429)
+
+
+async def test_a_request_past_its_deadline_gets_504_at_the_deadline_and_is_never_computed(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    calls: list[int] = []
+
+    def stuck_model(model: str, op: str, z: torch.Tensor) -> None:
+        calls.append(len(z))
+        release.wait(10)  # holds the one model thread until the test lets go
+
+    async with serve_with_hook(settings.model_copy(update={"request_timeout_s": 0.3}), monkeypatch, stuck_model) as c:
+        running = asyncio.create_task(timed_post(c, "/sample", json={"model": "faces", "n": 1}))
+        await asyncio.sleep(0.05)
+        queued, seconds = await timed_post(c, "/sample", json={"model": "faces", "n": 2})
+        assert queued.status_code == 504
+        assert queued.json()["detail"] == "no answer from model 'faces' within 0.3s"
+        assert 0.25 < seconds < 2
+        first, _ = await running
+        assert first.status_code == 504
+        release.set()
+        ok, _ = await timed_post(c, "/sample", json={"model": "faces", "n": 3})
+        assert ok.status_code == 200
+        assert calls == [1, 3]  # the expired request of 2 images was dropped from the queue, not computed
+        assert 'vae_failures_total{reason="timeout"} 2.0' in (await c.get("/metrics")).text

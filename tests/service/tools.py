@@ -1,0 +1,83 @@
+"""What the reliability tests share: stand-in models that are slow, block or fail on cue, and a memory probe."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+import service.runtime
+from service.repository import ServedModel
+from service.settings import Settings
+from tests.conftest import serve
+
+# hook(model, op, inputs) runs on the model thread before the real call: it may sleep, block or raise.
+Hook = Callable[[str, str, torch.Tensor], None]
+
+
+class StandIn:
+    """A loaded model whose encode and decode call `hook` first, then the real TorchScript module."""
+
+    def __init__(self, name: str, module: Any, hook: Hook) -> None:
+        self.name, self.module, self.hook = name, module, hook
+
+    def encode(self, x: torch.Tensor) -> Any:
+        self.hook(self.name, "encode", x)
+        return self.module.encode(x)
+
+    def decode(self, z: torch.Tensor) -> Any:
+        self.hook(self.name, "decode", z)
+        return self.module.decode(z)
+
+
+def wrap_models(monkeypatch: pytest.MonkeyPatch, hook: Hook) -> None:
+    """From now on, every model that loads (and passes its warm-up) is served through a StandIn calling `hook`."""
+    load_model = service.runtime.load_model
+
+    def load_and_wrap(directory: Path, device: torch.device) -> ServedModel:
+        served = load_model(directory, device)
+        if served.ready:
+            served.module = StandIn(served.name, served.module, hook)
+        return served
+
+    monkeypatch.setattr(service.runtime, "load_model", load_and_wrap)
+
+
+@asynccontextmanager
+async def serve_with_hook(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, hook: Hook
+) -> AsyncIterator[httpx.AsyncClient]:
+    """`serve(settings)` with its models wrapped in StandIns calling `hook`."""
+    wrap_models(monkeypatch, hook)
+    async with serve(settings) as client:
+        yield client
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:  # Linux: size, resident, ... in pages
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_memory_growth() -> Iterator[list[int]]:
+    """Samples this process's resident memory every few ms; the yielded list ends up holding the peak growth."""
+    start, peak, done = resident_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], resident_bytes() - start)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        sampler.join()
