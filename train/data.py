@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from service.artifact import sha256_file
+
 MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 # The gzip files of the original distribution and their published md5s.
 MNIST_FILES = {
@@ -46,14 +48,6 @@ class Dataset:
         """The first `n` examples; `source` then counts only those (what the manifest should report)."""
         labels = None if self.labels is None else self.labels[:n]
         return Dataset(self.images[:n], labels, {**self.source, "images": len(self.images[:n])})
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -101,7 +95,7 @@ def load_mnist(directory: Path, split: str) -> Dataset:
             "name": "MNIST",
             "split": split,
             "images": len(images),
-            "files": {p.name: _sha256(p) for p in (images_path, labels_path)},
+            "files": {p.name: sha256_file(p) for p in (images_path, labels_path)},
         },
     )
 
@@ -183,7 +177,7 @@ def load_images(path: Path, size: int, *, limit: int | None = None, progress: bo
             "name": path.name,
             "images": len(arrays),
             "skipped_unreadable": skipped,
-            "files": {path.name: _sha256(path)} if path.is_file() else {},
+            "files": {path.name: sha256_file(path)} if path.is_file() else {},
         },
     )
 

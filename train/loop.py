@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from service.repository import pick_device
 from train import data as datasets
 from train.config import TrainConfig
 from train.export import export, install
@@ -21,12 +22,6 @@ from train.report import write_report
 from train.vae import vae_loss
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_model(config: TrainConfig) -> tuple[nn.Module, str]:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,29 +26,30 @@ def running_server(model_dir: Path, ready_timeout_s: float = 60, **env: str) -> 
     """Yield (base URL, process) once /readyz answers 200; always stop the process afterwards."""
     port = free_port()
     environment = {**os.environ, "VAE_MODEL_DIR": str(model_dir), "VAE_PORT": str(port), **env}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service"], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}: {process.stdout.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become ready in time")
-            time.sleep(0.1)
-        yield url, process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    # The log goes to a file, not a pipe: nobody reads a pipe while the tests run, and a full one blocks the server.
+    with tempfile.TemporaryFile() as output:
+        process = subprocess.Popen([sys.executable, "-m", "service"], env=environment, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + ready_timeout_s
+            while True:
+                if process.poll() is not None:
+                    output.seek(0)
+                    raise RuntimeError(f"server exited with {process.returncode}: {output.read().decode()[-2000:]}")
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not become ready in time")
+                time.sleep(0.1)
+            yield url, process
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
