@@ -26,6 +26,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
         p.add_argument("--epochs", type=int, default=defaults["epochs"])
         p.add_argument("--batch-size", type=int, default=defaults["batch_size"])
         p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+        p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                       help="cosine: anneal the learning rate to 1%% of --lr by the last epoch")
         p.add_argument("--latent-dim", type=int, default=defaults["latent_dim"])
         p.add_argument("--hidden-dim", type=int, default=defaults["hidden_dim"])
         p.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")

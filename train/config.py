@@ -15,6 +15,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-3  # Adam
+    lr_schedule: str = "constant"  # or "cosine": anneal to lr * LR_FLOOR by the last epoch (a calmer final model)
     latent_dim: int = 2
     hidden_dim: int = 512  # MNIST hidden width; faces: the Linear before the latent heads
     image_size: int = 96  # faces only: 64, 96, 128 ... (a multiple of 32)

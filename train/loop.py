@@ -22,6 +22,15 @@ from train.report import write_report
 from train.vae import vae_loss
 
 CHECKPOINT = "checkpoint.pt"
+LR_FLOOR = 0.01  # the cosine schedule ends at this share of the initial learning rate
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of `epoch` (1-based); a function of the epoch alone, so a resumed run continues it."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    progress = (epoch - 1) / max(1, config.epochs - 1)
+    return config.lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def build_model(config: TrainConfig) -> tuple[nn.Module, str]:
@@ -140,18 +149,21 @@ def train(config: TrainConfig) -> Path:
     for epoch in range(len(history) + 1, config.epochs + 1):
         started = time.perf_counter()
         beta = config.beta * (min(1.0, epoch / config.kl_warmup_epochs) if config.kl_warmup_epochs else 1.0)
+        lr = learning_rate(config, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         train_metrics = train_epoch(model, train_set.images, optimizer, config, beta, f"epoch {epoch}/{config.epochs}")
         val_metrics = evaluate(model, val_set.images, config)
         if not all(math.isfinite(v) for v in (*train_metrics.values(), *val_metrics.values())):
             raise RuntimeError(f"the loss diverged in epoch {epoch}: try a lower --lr")
-        row = {"epoch": epoch, "seconds": round(time.perf_counter() - started, 1), "beta": beta}
+        row = {"epoch": epoch, "seconds": round(time.perf_counter() - started, 1), "beta": beta, "lr": lr}
         row |= {f"train_{k}": v for k, v in train_metrics.items()} | {f"val_{k}": v for k, v in val_metrics.items()}
         history.append(row)
         print(
             f"epoch {epoch:3d}  train rec {train_metrics['reconstruction']:.2f} kl {train_metrics['kl']:.2f} "
             f"-elbo {train_metrics['neg_elbo']:.2f} | val rec {val_metrics['reconstruction']:.2f} "
             f"kl {val_metrics['kl']:.2f} -elbo {val_metrics['neg_elbo']:.2f} "
-            f"mse/px {val_metrics['mse_per_pixel']:.5f}  ({row['seconds']}s)",
+            f"mse/px {val_metrics['mse_per_pixel']:.5f}  lr {lr:.2g}  ({row['seconds']}s)",
             flush=True,
         )
         torch.save(

@@ -15,6 +15,7 @@ from service.repository import load_model
 from tests.conftest import decode_png
 from tests.train.conftest import faces_zip, write_mnist
 from train.__main__ import main, parse_args
+from train.loop import LR_FLOOR, learning_rate
 
 PICTURES = ["interpolation.png", "latent_map.png", "loss_curves.png", "reconstructions.png", "samples.png"]
 # One short epoch on 64 images with narrow layers: a few seconds on one CPU core.
@@ -180,3 +181,17 @@ def test_defaults_per_model_and_the_run_folder_by_name() -> None:
     assert (faces.epochs, faces.batch_size, faces.latent_dim, faces.image_size) == (20, 64, 128, 96)
     assert faces.out == Path("runs/celeba") and not faces.hflip and faces.loss == "l1"
     assert faces.command == "python -m train faces --data d.zip --name celeba --no-hflip --loss l1"
+
+
+def test_the_cosine_schedule_anneals_from_lr_to_one_percent_of_it_and_constant_stays_put() -> None:
+    cosine = parse_args(["faces", "--data", "d.zip", "--epochs", "5", "--lr", "0.002", "--lr-schedule", "cosine"])
+    rates = [learning_rate(cosine, epoch) for epoch in range(1, 6)]
+    assert rates[0] == pytest.approx(0.002) and rates[-1] == pytest.approx(0.002 * LR_FLOOR)
+    assert rates[2] == pytest.approx(0.002 * (1 + LR_FLOOR) / 2)  # halfway
+    assert rates == sorted(rates, reverse=True)
+    constant = parse_args(["faces", "--data", "d.zip", "--epochs", "5"])
+    assert {learning_rate(constant, epoch) for epoch in range(1, 6)} == {1e-3}
+
+
+def test_each_epoch_records_its_learning_rate(mnist_run: Run) -> None:
+    assert [row["lr"] for row in _history(mnist_run.out)] == [1e-3]
