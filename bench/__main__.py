@@ -48,8 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=6.0, help="seconds per wrk run (default 6)")
     p.add_argument("--quick", action="store_true", help="3 s wrk runs and shorter in-process timings")
     p.add_argument("--only", choices=("ceiling", "service"), help="measure only one part")
-    p.add_argument("--env", action="append", default=[], metavar="VAE_NAME=VALUE",
-                   help="an extra service setting, e.g. --env VAE_MAX_WAIT_MS=1 (repeatable)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an extra variable for the service, e.g. --env VAE_MAX_WAIT_MS=1 or --env OMP_WAIT_POLICY=active "
+                        "(repeatable)")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk's threads (default 1: the cores are the server's)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder (bench/results)")
     p.add_argument("--check", action="store_true", help="exit 1 when a target fails")
@@ -59,8 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(t < 0 for t in args.threads):
         p.error("--threads takes counts of 0 or more (0: torch's default)")
     for item in args.env:
-        if not re.fullmatch(r"VAE_[A-Z0-9_]+=.*", item):
-            p.error(f"--env takes VAE_NAME=VALUE, not {item!r}")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", item):
+            p.error(f"--env takes NAME=VALUE, not {item!r}")
     return args
 
 

@@ -2,7 +2,8 @@
 
 Each mode does, for one batch, exactly the work the service does for it:
 - `decode`: `module.decode(z)` and the copy back to float32 on the CPU (the batcher's `_call`);
-- `decode+png`: that, then `imaging.to_uint8` and one `imaging.png_bytes` per image, one after another;
+- `decode+png`: `module.decode(z)`, `imaging.quantize` to uint8 pixels and the copy to the CPU (the decode
+  batcher's `_call`), then one `imaging.png_bytes` per image, one after another;
 - `upload+encode`: `imaging.prepare_upload` for each uploaded PNG, then `module.encode` (what /encode does).
 """
 
@@ -89,8 +90,10 @@ def measure_model(
                 with torch.inference_mode():
                     return module.decode(z.to(device)).float().cpu()
 
-            def decode_png(decode: Callable[[], torch.Tensor] = decode) -> list[bytes]:
-                return [imaging.png_bytes(tile) for tile in imaging.to_uint8(decode())]
+            def decode_png(z: torch.Tensor = z) -> list[bytes]:
+                with torch.inference_mode():
+                    tiles = imaging.quantize(module.decode(z.to(device))).cpu().numpy()
+                return [imaging.png_bytes(tile) for tile in tiles]
 
             def upload_encode(batch: int = batch) -> tuple[torch.Tensor, ...]:
                 arrays = [

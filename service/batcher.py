@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,6 +27,12 @@ log = logging.getLogger("vae_serve.batcher")
 
 # A model call: a batch of inputs (B, ...) -> one tensor or a tuple of tensors, each with B rows.
 Predict = Callable[[Tensor], Tensor | tuple[Tensor, ...]]
+# What each checked output becomes before it leaves the device, once per batch (decoders: uint8 pixels).
+Finish = Callable[[Tensor], Tensor]
+
+
+def as_float32(output: Tensor) -> Tensor:
+    return output.float()
 
 
 class QueueFull(Exception):
@@ -70,8 +77,9 @@ class Batcher:
         max_batch_size: int,
         max_wait_s: float,
         queue_size: int,
+        finish: Finish = as_float32,
     ) -> None:
-        self.name, self.op, self._predict = name, op, predict
+        self.name, self.op, self._predict, self._finish = name, op, predict, finish
         self._thread, self._metrics = model_thread, metrics
         self.max_batch_size, self.max_wait_s, self.queue_size = max_batch_size, max_wait_s, queue_size
         self._queue: deque[_Item] = deque()
@@ -118,7 +126,10 @@ class Batcher:
             for item in items:
                 if not item.future.done():
                     item.future.cancel()  # the collector skips it
-        return tuple(torch.cat(columns) for columns in zip(*parts, strict=True))
+        if len(parts) == 1:
+            return parts[0]
+        # numpy, not torch.cat: a large torch op here would start a second OpenMP team (see runtime.py)
+        return tuple(torch.from_numpy(np.concatenate([c.numpy() for c in columns])) for columns in zip(*parts, strict=True))
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
@@ -173,16 +184,16 @@ class Batcher:
             for item in live:
                 self._metrics.queue_seconds.labels(self.name).observe(started - item.enqueued)
             self._busy = True
+            size = sum(len(item.inputs) for item in live)
             try:
-                inputs = torch.cat([item.inputs for item in live])
-                outputs = await loop.run_in_executor(self._thread, self._call, inputs)
+                outputs = await loop.run_in_executor(self._thread, self._call_batch, [item.inputs for item in live])
             except asyncio.CancelledError:  # stopped mid-batch (a drain past its timeout): answer, then go
                 for item in live:
                     if not item.future.done():
                         item.future.set_exception(NotServing("the service is shutting down"))
                 raise
             except Exception as exc:  # one failing batch fails only its own requests
-                log.exception("model %s %s: a batch of %d images failed", self.name, self.op, len(inputs))
+                log.exception("model %s %s: a batch of %d images failed", self.name, self.op, size)
                 for item in live:
                     if not item.future.done():
                         item.future.set_exception(BatchFailed(f"model {self.name!r} failed on this batch: {type(exc).__name__}"))
@@ -190,7 +201,7 @@ class Batcher:
             finally:
                 self._busy = False
             self._metrics.compute_seconds.labels(self.name, self.op).observe(time.perf_counter() - started)
-            self._metrics.batch_size.labels(self.name, self.op).observe(len(inputs))
+            self._metrics.batch_size.labels(self.name, self.op).observe(size)
             offset = 0
             for item in live:
                 k = len(item.inputs)
@@ -198,20 +209,25 @@ class Batcher:
                     item.future.set_result(tuple(out[offset : offset + k] for out in outputs))
                 offset += k
 
+    def _call_batch(self, parts: list[Tensor]) -> tuple[Tensor, ...]:
+        return self._call(torch.cat(parts) if len(parts) > 1 else parts[0])  # on the model thread: see runtime.py
+
     def _call(self, inputs: Tensor) -> tuple[Tensor, ...]:
-        """Runs on the model thread. On CUDA out-of-memory, halve the batch and retry."""
+        """Runs on the model thread: predict, check, finish, copy to the host. On CUDA out-of-memory, halve the
+        batch and retry."""
         try:
             with torch.inference_mode():
                 out = self._predict(inputs)
-            outputs = tuple(o.float().cpu() for o in (out if isinstance(out, tuple) else (out,)))
-            if any(o.shape[:1] != inputs.shape[:1] for o in outputs):  # splitting would hand out wrong rows
-                shapes = ", ".join(str(tuple(o.shape)) for o in outputs)
-                raise InvalidOutput(f"model {self.name!r} answered a batch of {len(inputs)} with {shapes}")
-            # NaN would be null in JSON and black in a PNG. A NaN or inf anywhere makes the sum non-finite, and a
-            # sum is 30x cheaper than isfinite(o).all() on a batch of images.
-            if not all(bool(torch.isfinite(o.sum())) for o in outputs):
-                raise InvalidOutput(f"model {self.name!r} answered a batch of {len(inputs)} with non-finite values")
-            return outputs
+                outputs = out if isinstance(out, tuple) else (out,)
+                if any(o.shape[:1] != inputs.shape[:1] for o in outputs):  # splitting would hand out wrong rows
+                    shapes = ", ".join(str(tuple(o.shape)) for o in outputs)
+                    raise InvalidOutput(f"model {self.name!r} answered a batch of {len(inputs)} with {shapes}")
+                # NaN would be null in JSON and black in a PNG. A NaN or inf anywhere makes the sum non-finite, and
+                # a sum is 30x cheaper than isfinite(o).all() on a batch of images (in float32: a half-precision
+                # sum of a batch of images overflows).
+                if not all(bool(torch.isfinite(o.sum(dtype=torch.float32))) for o in outputs):
+                    raise InvalidOutput(f"model {self.name!r} answered a batch of {len(inputs)} with non-finite values")
+                return tuple(self._finish(o).cpu() for o in outputs)
         except torch.OutOfMemoryError:
             if len(inputs) == 1:
                 raise

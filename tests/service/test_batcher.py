@@ -133,6 +133,23 @@ async def test_outputs_with_several_tensors_are_split_per_request() -> None:
     await b.stop()
 
 
+async def test_outputs_are_finished_once_per_batch_on_the_model_thread_after_the_checks() -> None:
+    finished: list[tuple[int, str]] = []
+
+    def finish(out: torch.Tensor) -> torch.Tensor:
+        finished.append((len(out), threading.current_thread().name))
+        return out.to(torch.uint8)  # NaN would become an innocent-looking 0: the check must come first
+
+    b = make(lambda x: x * 2, finish=finish)
+    (out,) = await b.submit(torch.full((3, 1), 2.0), timeout_s=5)
+    assert out.dtype == torch.uint8 and out.squeeze(1).tolist() == [4, 4, 4]
+    assert finished == [(3, finished[0][1])] and finished[0][1] != threading.current_thread().name
+    with pytest.raises(BatchFailed, match="InvalidOutput"):
+        await b.submit(torch.full((2, 1), float("nan")), timeout_s=5)
+    assert len(finished) == 1
+    await b.stop()
+
+
 async def test_after_stop_requests_are_refused_and_queued_ones_answered() -> None:
     rec = Recorder()
     rec.release.clear()

@@ -1,0 +1,66 @@
+"""Which thread does what: torch's parallel work stays on the one model thread, and OpenMP's idle spin is short."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import threading
+
+import httpx
+import numpy as np
+import pytest
+
+from service import runtime
+from service.metrics import Metrics
+from service.runtime import Runtime
+from service.settings import Settings
+from tests.conftest import decode_png
+
+
+def test_models_load_and_warm_up_on_the_model_thread_that_later_runs_them(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded_on: list[str] = []
+    real = runtime.load_model
+
+    def load_model(*args, **kwargs):  # type: ignore[no-untyped-def]
+        loaded_on.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "load_model", load_model)
+    rt = Runtime.load(settings, Metrics())
+    try:
+        model_thread = rt.model_thread.submit(lambda: threading.current_thread().name).result()
+        assert loaded_on == [model_thread] * len(rt.models) and len(rt.models) >= 2
+    finally:
+        rt.model_thread.shutdown()
+        rt.image_threads.shutdown()
+
+
+async def test_a_request_larger_than_a_batch_is_reassembled_in_order(client: httpx.AsyncClient, settings: Settings) -> None:
+    """Its batches' outputs are joined off the model thread without torch (a large torch op there would start a
+    second OpenMP team); the rows must still come back in order."""
+    n = settings.max_batch_size + 3
+    whole = await client.post("/sample", json={"model": "mnist", "n": n, "seed": 5}, headers={"Accept": "application/json"})
+    assert whole.status_code == 200
+    images = whole.json()["images"]
+    assert len(images) == n and len(set(images)) > 1
+    for i in (0, n - 1):  # the same latent decoded alone gives the same image
+        z = whole.json()["latents"][i]
+        alone = await client.post("/decode", json={"model": "mnist", "z": [z]}, headers={"Accept": "application/json"})
+        pixels = [np.asarray(decode_png(base64.b64decode(p)), dtype=int) for p in (alone.json()["images"][0], images[i])]
+        assert np.abs(pixels[0] - pixels[1]).max() <= 1  # batch sizes may round differently
+
+
+def _spin_count(env: dict[str, str]) -> str:
+    code = "import os, service.__main__; print(os.environ['GOMP_SPINCOUNT'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_the_server_shortens_openmp_spinning_unless_the_user_chose_a_value() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    assert _spin_count(env) == "3000"
+    assert _spin_count(env | {"GOMP_SPINCOUNT": "300000"}) == "300000"
