@@ -31,6 +31,9 @@ from service.settings import Settings
 
 log = logging.getLogger("vae_serve.runtime")
 IMAGE_THREADS = max(2, os.cpu_count() or 2)  # PNG encoding and upload decoding; Pillow releases the GIL in both
+# Below this many values per image (MNIST's 784), Pillow's Python side, which holds the GIL, outweighs the
+# compression: threads only contend. One thread for 64 MNIST PNGs: 105 requests/s instead of 85.
+PARALLEL_PNG_MIN_VALUES = 4096
 
 
 class UnknownModel(LookupError):
@@ -161,10 +164,12 @@ class Runtime:
         return torch.from_numpy(np.stack(arrays))
 
     async def pngs(self, images: Tensor) -> list[bytes]:
-        """One PNG per uint8 image (N, H, W, C), encoded in parallel: one hand-off per image thread, not per image."""
+        """One PNG per uint8 image (N, H, W, C); images large enough to gain from it are encoded in parallel, with one
+        hand-off per image thread rather than per image."""
         loop = asyncio.get_running_loop()
         tiles = images.numpy()
-        chunks = np.array_split(tiles, min(len(tiles), IMAGE_THREADS))
+        parallel = tiles[0].size >= PARALLEL_PNG_MIN_VALUES
+        chunks = np.array_split(tiles, min(len(tiles), IMAGE_THREADS) if parallel else 1)
         parts = await asyncio.gather(*(loop.run_in_executor(self.image_threads, _png_each, c) for c in chunks))
         return [png for part in parts for png in part]
 

@@ -7,10 +7,13 @@ import os
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from service import runtime
 from service.metrics import Metrics
@@ -64,3 +67,12 @@ def test_the_server_shortens_openmp_spinning_unless_the_user_chose_a_value() -> 
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     assert _spin_count(env) == "3000"
     assert _spin_count(env | {"GOMP_SPINCOUNT": "300000"}) == "300000"
+
+
+@pytest.mark.parametrize("shape", [(5, 28, 28, 1), (5, 64, 64, 3)], ids=["small: one thread", "large: in parallel"])
+async def test_pngs_come_back_in_the_order_of_their_images(shape: tuple[int, ...]) -> None:
+    assert (shape[1] * shape[2] * shape[3] >= runtime.PARALLEL_PNG_MIN_VALUES) == (shape[-1] == 3)
+    images = torch.stack([torch.full(shape[1:], 40 * i, dtype=torch.uint8) for i in range(shape[0])])
+    with ThreadPoolExecutor(2) as pool:
+        pngs = await Runtime.pngs(SimpleNamespace(image_threads=pool), images)  # type: ignore[arg-type]
+    assert [int(np.asarray(decode_png(p)).max()) for p in pngs] == [0, 40, 80, 120, 160]
