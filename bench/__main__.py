@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.duration = min(args.duration, 3.0)
+    args.min_time = 0.3 if args.quick else 1.0  # seconds per in-process timing
     if any(t < 0 for t in args.threads):
         p.error("--threads takes counts of 0 or more (0: torch's default)")
     for item in args.env:
@@ -99,11 +100,13 @@ def machine(device: torch.device) -> dict[str, Any]:
     }
 
 
-def measure_service(args: argparse.Namespace, models: list[str], uploads: dict[str, bytes], threads_setting: int,
-                    workdir: Path) -> dict[str, Any]:
-    """Start the service at one thread setting, warm it up, run every scenario, stop it."""
+def measure_service(args: argparse.Namespace, models: list[str], workloads: dict[str, ceiling.Workload],
+                    threads_setting: int, workdir: Path) -> dict[str, Any]:
+    """Start the service at one thread setting, warm it up, run every scenario, stop it. The in-process work a
+    target compares with is measured again just before and just after its scenario: a shared machine drifts."""
     env = {"VAE_TORCH_THREADS": str(threads_setting), "VAE_DEVICE": args.device}
     env |= dict(item.split("=", 1) for item in args.env)
+    uploads = {name: w.upload for name, w in workloads.items()}
     bodies = {s: load.write_body(s, uploads[s.model], workdir) for s in load.scenarios(models)}
     bodies |= {s: load.write_body(s, uploads[s.model], workdir) for s in load.warm_up_scenarios(models)}
     with running_server(args.models_dir.resolve(), env, workdir / f"server-{threads_setting}.log") as server:
@@ -114,9 +117,14 @@ def measure_service(args: argparse.Namespace, models: list[str], uploads: dict[s
         after_warm_up = server.memory_mb()["rss"]
         runs = []
         for s in load.scenarios(models):
+            ref = report.TARGET_REFERENCES.get((s.request, s.concurrency)) if s.model == report.TARGET_MODEL else None
+            before = workloads[s.model].measure(*ref, threads_setting, args.min_time) if ref else None
             time.sleep(0.5)  # let the previous run's last answers drain
             body, content_type = bodies[s]
             run = load.measure(server, s, body, content_type, args.duration, args.wrk_threads)
+            if ref and before:
+                run["paired_ceiling"] = report.paired(before, workloads[s.model].measure(*ref, threads_setting,
+                                                                                          args.min_time))
             runs.append(run)
             errors = run["non_2xx"] + sum(run["socket_errors"].values())
             say(f"  {s.model:6} {s.request:17} c={s.concurrency:<3} {run['images_per_s']:9.1f} images/s  "
@@ -182,14 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     if "faces" not in models:
         say("no faces model: the targets, which are about faces, are skipped")
 
-    uploads = {}
-    for name, artifact in artifacts.items():
-        uploads[name] = ceiling.sample_upload(artifact.load(device), artifact, device)
-
+    workloads = {name: ceiling.Workload.load(artifact, device) for name, artifact in artifacts.items()}
     if args.only != "service":
         for threads_setting in args.threads:
-            for name, artifact in artifacts.items():
-                rows = ceiling.measure_model(artifact, device, BATCHES, threads_setting, 0.3 if args.quick else 1.0)
+            for name, workload in workloads.items():
+                rows = ceiling.measure_model(workload, BATCHES, threads_setting, args.min_time)
                 results["ceiling"] += [asdict(r) for r in rows]
                 say(f"ceiling {name} threads={rows[0].threads}: " + ", ".join(
                     f"{r.mode}@{r.batch} {r.images_per_s:.0f}/s" for r in rows if r.batch in (1, 64)))
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only != "ceiling":
         with tempfile.TemporaryDirectory(prefix="vae-bench-") as tmp:
             for threads_setting in args.threads:
-                service = measure_service(args, models, uploads, threads_setting, Path(tmp))
+                service = measure_service(args, models, workloads, threads_setting, Path(tmp))
                 report.add_ratios(service, results["ceiling"])
                 results["service"].append(service)
                 results["targets"] += [t.as_dict() for t in report.targets(service, results["ceiling"])]

@@ -74,48 +74,61 @@ def sample_upload(module: Any, artifact: Artifact, device: torch.device) -> byte
     return imaging.png_bytes(imaging.to_uint8(image)[0])
 
 
-def measure_model(
-    artifact: Artifact, device: torch.device, batches: tuple[int, ...], threads_setting: int, min_time_s: float,
-) -> list[CeilingRow]:
+@dataclass(frozen=True)
+class Workload:
+    """One model loaded in the bench process, and the upload its encode mode uses."""
+
+    artifact: Artifact
+    module: Any
+    device: torch.device
+    upload: bytes
+
+    @classmethod
+    def load(cls, artifact: Artifact, device: torch.device) -> Workload:
+        module = artifact.load(device)
+        return cls(artifact, module, device, sample_upload(module, artifact, device))
+
+    def work(self, mode: str, batch: int) -> Callable[[], Any]:
+        """One batch of `mode`: exactly what the service does for it."""
+        module, device, artifact = self.module, self.device, self.artifact
+        z = torch.randn(batch, artifact.latent_dim, generator=torch.Generator().manual_seed(batch))
+        digit = artifact.manifest.get("upload_normalization") == "digit"
+
+        def decode() -> torch.Tensor:
+            with torch.inference_mode():
+                return module.decode(z.to(device)).float().cpu()
+
+        def decode_png() -> list[bytes]:
+            with torch.inference_mode():
+                tiles = imaging.quantize(module.decode(z.to(device))).cpu().numpy()
+            return [imaging.png_bytes(tile) for tile in tiles]
+
+        def upload_encode() -> tuple[torch.Tensor, ...]:
+            arrays = [
+                imaging.prepare_upload(self.upload, artifact.image_shape, max_pixels=_MAX_PIXELS, digit=digit)
+                for _ in range(batch)
+            ]
+            x = torch.from_numpy(np.stack(arrays))
+            with torch.inference_mode():
+                mu, log_var = module.encode(x.to(device))
+            return mu.float().cpu(), log_var.float().cpu()
+
+        return dict(zip(MODES, (decode, decode_png, upload_encode), strict=True))[mode]
+
+    def measure(self, mode: str, batch: int, threads_setting: int, min_time_s: float) -> CeilingRow:
+        with torch_threads(threads_setting) as threads:
+            fn = self.work(mode, batch)
+            wall, own, busy = time.perf_counter(), time.process_time(), machine_busy_seconds()
+            median_s, iterations = time_call(fn, min_time_s)
+            wall, own = time.perf_counter() - wall, time.process_time() - own
+        other = max(0.0, (machine_busy_seconds() - busy - own) / wall)
+        return CeilingRow(
+            model=self.artifact.directory.name, mode=mode, batch=batch, threads_setting=threads_setting,
+            threads=threads, median_s=median_s, iterations=iterations, images_per_s=batch / median_s,
+            other_cores=other,
+        )
+
+
+def measure_model(workload: Workload, batches: tuple[int, ...], threads_setting: int, min_time_s: float) -> list[CeilingRow]:
     """Every mode at every batch size for one model, at one thread setting."""
-    module = artifact.load(device)
-    digit = artifact.manifest.get("upload_normalization") == "digit"
-    upload = sample_upload(module, artifact, device)
-    rows = []
-    with torch_threads(threads_setting) as threads:
-        for batch in batches:
-            z = torch.randn(batch, artifact.latent_dim, generator=torch.Generator().manual_seed(batch))
-
-            def decode(z: torch.Tensor = z) -> torch.Tensor:
-                with torch.inference_mode():
-                    return module.decode(z.to(device)).float().cpu()
-
-            def decode_png(z: torch.Tensor = z) -> list[bytes]:
-                with torch.inference_mode():
-                    tiles = imaging.quantize(module.decode(z.to(device))).cpu().numpy()
-                return [imaging.png_bytes(tile) for tile in tiles]
-
-            def upload_encode(batch: int = batch) -> tuple[torch.Tensor, ...]:
-                arrays = [
-                    imaging.prepare_upload(upload, artifact.image_shape, max_pixels=_MAX_PIXELS, digit=digit)
-                    for _ in range(batch)
-                ]
-                x = torch.from_numpy(np.stack(arrays))
-                with torch.inference_mode():
-                    mu, log_var = module.encode(x.to(device))
-                return mu.float().cpu(), log_var.float().cpu()
-
-            calls: tuple[Callable[[], Any], ...] = (decode, decode_png, upload_encode)
-            for mode, fn in zip(MODES, calls, strict=True):
-                wall, own, busy = time.perf_counter(), time.process_time(), machine_busy_seconds()
-                median_s, iterations = time_call(fn, min_time_s)
-                wall, own = time.perf_counter() - wall, time.process_time() - own
-                other = max(0.0, (machine_busy_seconds() - busy - own) / wall)
-                rows.append(
-                    CeilingRow(
-                        model=artifact.directory.name, mode=mode, batch=batch, threads_setting=threads_setting,
-                        threads=threads, median_s=median_s, iterations=iterations, images_per_s=batch / median_s,
-                        other_cores=other,
-                    )
-                )
-    return rows
+    return [workload.measure(mode, batch, threads_setting, min_time_s) for batch in batches for mode in MODES]
