@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=6.0, help="seconds per wrk run (default 6)")
     p.add_argument("--quick", action="store_true", help="3 s wrk runs and shorter in-process timings")
     p.add_argument("--only", choices=("ceiling", "service"), help="measure only one part")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each scenario a target judges this many times; the verdict takes the median (default 1)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="an extra variable for the service, e.g. --env VAE_MAX_WAIT_MS=1 or --env OMP_WAIT_POLICY=active "
                         "(repeatable)")
@@ -58,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.duration = min(args.duration, 3.0)
     args.min_time = 0.3 if args.quick else 1.0  # seconds per in-process timing
+    if args.repeat < 1:
+        p.error("--repeat takes a count of 1 or more")
     if any(t < 0 for t in args.threads):
         p.error("--threads takes counts of 0 or more (0: torch's default)")
     for item in args.env:
@@ -118,18 +122,19 @@ def measure_service(args: argparse.Namespace, models: list[str], workloads: dict
         runs = []
         for s in load.scenarios(models):
             ref = report.TARGET_REFERENCES.get((s.request, s.concurrency)) if s.model == report.TARGET_MODEL else None
-            before = workloads[s.model].measure(*ref, threads_setting, args.min_time) if ref else None
-            time.sleep(0.5)  # let the previous run's last answers drain
-            body, content_type = bodies[s]
-            run = load.measure(server, s, body, content_type, args.duration, args.wrk_threads)
-            if ref and before:
-                run["paired_ceiling"] = report.paired(before, workloads[s.model].measure(*ref, threads_setting,
-                                                                                          args.min_time))
-            runs.append(run)
-            errors = run["non_2xx"] + sum(run["socket_errors"].values())
-            say(f"  {s.model:6} {s.request:17} c={s.concurrency:<3} {run['images_per_s']:9.1f} images/s  "
-                f"p50 {run['latency_ms']['p50']:8.1f} ms  p99 {run['latency_ms']['p99']:8.1f} ms  errors {errors}  "
-                f"mean batch {report.num(run['mean_batch'])}  other CPU {run['other_cores']:.2f}")
+            for _ in range(args.repeat if ref else 1):
+                before = workloads[s.model].measure(*ref, threads_setting, args.min_time) if ref else None
+                time.sleep(0.5)  # let the previous run's last answers drain
+                body, content_type = bodies[s]
+                run = load.measure(server, s, body, content_type, args.duration, args.wrk_threads)
+                if ref and before:
+                    after = workloads[s.model].measure(*ref, threads_setting, args.min_time)
+                    run["paired_ceiling"] = report.paired(before, after)
+                runs.append(run)
+                errors = run["non_2xx"] + sum(run["socket_errors"].values())
+                say(f"  {s.model:6} {s.request:17} c={s.concurrency:<3} {run['images_per_s']:9.1f} images/s  "
+                    f"p50 {run['latency_ms']['p50']:8.1f} ms  p99 {run['latency_ms']['p99']:8.1f} ms  errors {errors}  "
+                    f"mean batch {report.num(run['mean_batch'])}  other CPU {run['other_cores']:.2f}")
         memory = server.memory_mb()
         failed = any(r["non_2xx"] or any(r["socket_errors"].values()) for r in runs)
         log_tail = server.log_tail() if failed else None  # the server's own account of the errors
@@ -179,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "duration_s": args.duration,
             "quick": args.quick,
+            "repeat": args.repeat,
             "env": args.env,
             "wrk": load.wrk_version() if args.only != "ceiling" else None,
             "wrk_threads": args.wrk_threads,
