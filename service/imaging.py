@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
 
 import numpy as np
 import torch
@@ -37,12 +39,33 @@ def grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np
     return out
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+_PNG_COLOR_TYPE = {1: 0, 3: 2}  # channels -> PNG colour type: greyscale, RGB
+_PNG_FILTER_UP = 2
+
+
 def png_bytes(image: np.ndarray, compress_level: int = 1) -> bytes:
-    """uint8 (H, W, C) with C in 1|3 -> PNG bytes. Level 1: small decoder outputs gain little from more."""
-    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    buffer = io.BytesIO()
-    pil.save(buffer, format="PNG", compress_level=compress_level)
-    return buffer.getvalue()
+    """uint8 (H, W, C) with C in 1|3 -> PNG bytes, every row with the "Up" filter.
+
+    Written here rather than by Pillow: Pillow tries every filter on every row, which for a 96x96 decoder
+    output takes 0.65 ms; one fixed filter and zlib take 0.19 ms for files 6% larger, and zlib releases
+    the GIL while it compresses. Level 1: small decoder outputs gain little from more."""
+    height, width, channels = image.shape
+    rows = np.ascontiguousarray(image).reshape(height, width * channels)
+    scanlines = np.empty((height, 1 + width * channels), dtype=np.uint8)
+    scanlines[:, 0] = _PNG_FILTER_UP
+    scanlines[0, 1:] = rows[0]  # the row above the first is zeros
+    np.subtract(rows[1:], rows[:-1], out=scanlines[1:, 1:])  # modulo 256, as the filter is defined
+    header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOR_TYPE[channels], 0, 0, 0)
+    return b"".join((
+        b"\x89PNG\r\n\x1a\n",
+        _png_chunk(b"IHDR", header),
+        _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), compress_level)),
+        _png_chunk(b"IEND", b""),
+    ))
 
 
 class ImageError(ValueError):

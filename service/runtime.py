@@ -1,7 +1,7 @@
 """What the routes call: the loaded models, their batchers and the threads that do the heavy work.
 
 The event loop never runs model code (one model thread) or PNG encoding and image decoding (a small
-pool of image threads; Pillow releases the GIL while it compresses).
+pool of image threads; zlib and Pillow release the GIL while they (de)compress).
 
 Every torch op that is large enough to run in parallel runs on the model thread, loading and warm-up
 included. With OpenMP each thread that starts a parallel op gets its own team of worker threads; once
@@ -30,10 +30,7 @@ from service.repository import ServedModel, describe, discover, load_model, pick
 from service.settings import Settings
 
 log = logging.getLogger("vae_serve.runtime")
-IMAGE_THREADS = max(2, os.cpu_count() or 2)  # PNG encoding and upload decoding; Pillow releases the GIL in both
-# Below this many values per image (MNIST's 784), Pillow's Python side, which holds the GIL, outweighs the
-# compression: threads only contend. One thread for 64 MNIST PNGs: 105 requests/s instead of 85.
-PARALLEL_PNG_MIN_VALUES = 4096
+IMAGE_THREADS = max(2, os.cpu_count() or 2)  # PNG encoding and upload decoding: zlib and Pillow release the GIL
 
 
 class UnknownModel(LookupError):
@@ -164,12 +161,10 @@ class Runtime:
         return torch.from_numpy(np.stack(arrays))
 
     async def pngs(self, images: Tensor) -> list[bytes]:
-        """One PNG per uint8 image (N, H, W, C); images large enough to gain from it are encoded in parallel, with one
-        hand-off per image thread rather than per image."""
+        """One PNG per uint8 image (N, H, W, C), encoded in parallel: one hand-off per image thread, not per image."""
         loop = asyncio.get_running_loop()
         tiles = images.numpy()
-        parallel = tiles[0].size >= PARALLEL_PNG_MIN_VALUES
-        chunks = np.array_split(tiles, min(len(tiles), IMAGE_THREADS) if parallel else 1)
+        chunks = np.array_split(tiles, min(len(tiles), IMAGE_THREADS))
         parts = await asyncio.gather(*(loop.run_in_executor(self.image_threads, _png_each, c) for c in chunks))
         return [png for part in parts for png in part]
 
