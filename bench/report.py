@@ -64,12 +64,6 @@ def find_runs(service: dict[str, Any], model: str, request: str, concurrency: in
     return [run for run in service["runs"] if (run["model"], run["request"], run["concurrency"]) == (model, request, concurrency)]
 
 
-def median_run(runs: list[dict[str, Any]], score: Callable[[dict[str, Any]], float | None]) -> dict[str, Any] | None:
-    """The run whose score is the median (the lower middle one of an even count); None when none has a score."""
-    scored = sorted((value, i) for i, run in enumerate(runs) if (value := score(run)) is not None)
-    return runs[scored[(len(scored) - 1) // 2][1]] if scored else None
-
-
 def paired(before: Any, after: Any) -> dict[str, Any]:
     """The in-process reference of one run from its measurements (CeilingRow) just before and just after it."""
     median_s = (before.median_s + after.median_s) / 2
@@ -102,15 +96,6 @@ def _other(*rows: dict[str, Any] | None) -> float:
     return max((r["other_cores"] for r in rows if r is not None), default=0.0)
 
 
-def _throughput_target(name: str, t: int, run: dict[str, Any] | None, ceiling: dict[str, Any] | None,
-                       limit: float) -> Target:
-    if run is None or ceiling is None:
-        return Target(name, t, None, limit, True, "not measured")
-    ratio = run["images_per_s"] / ceiling["images_per_s"]
-    detail = f"{run['images_per_s']:.1f} vs {ceiling['images_per_s']:.1f} images/s{_paired_note(run, ceiling)}"
-    return Target(name, t, ratio, limit, True, detail, _other(run, ceiling))
-
-
 def _paired_note(run: dict[str, Any], reference: dict[str, Any]) -> str:
     if reference is not run.get("paired_ceiling"):
         return ""
@@ -118,43 +103,55 @@ def _paired_note(run: dict[str, Any], reference: dict[str, Any]) -> str:
     return f"; in-process {before:.1f} ms per batch just before the run, {after:.1f} ms just after"
 
 
-def _median_note(runs: list[dict[str, Any]], score: Callable[[dict[str, Any]], float | None]) -> str:
-    scores = sorted(v for run in runs if (v := score(run)) is not None)
-    return f"; the median of {len(scores)} runs: {', '.join(f'{v:.2f}' for v in scores)}" if len(scores) > 1 else ""
+def _judged(service: dict[str, Any], ceiling: list[dict[str, Any]], request: str, concurrency: int,
+            ratio: Callable[[dict[str, Any], dict[str, Any]], float]) -> tuple[dict[str, Any], dict[str, Any], float, str] | None:
+    """(run, its reference, ratio, note) for one judged faces scenario: the run with the median ratio when it ran
+    --repeat times, against its paired in-process timing (else the ceiling table's). None: not measured."""
+    mode, batch = TARGET_REFERENCES[(request, concurrency)]
+    fallback = find_ceiling(ceiling, TARGET_MODEL, mode, batch, service["threads_setting"])
+    scored = []
+    for run in find_runs(service, TARGET_MODEL, request, concurrency):
+        ref = reference(run, mode, batch, fallback)
+        if ref is not None:
+            scored.append((ratio(run, ref), len(scored), run, ref))
+    if not scored:
+        return None
+    scored.sort(key=lambda item: item[:2])
+    value, _, run, ref = scored[(len(scored) - 1) // 2]  # the lower middle one of an even count
+    note = _paired_note(run, ref)
+    if len(scored) > 1:
+        note += f"; the median of {len(scored)} runs: {', '.join(f'{v:.2f}' for v, *_ in scored)}"
+    return run, ref, value, note
+
+
+def _throughput_target(name: str, service: dict[str, Any], ceiling: list[dict[str, Any]], request: str,
+                       concurrency: int, limit: float) -> Target:
+    t = service["threads_setting"]
+    judged = _judged(service, ceiling, request, concurrency, lambda run, ref: run["images_per_s"] / ref["images_per_s"])
+    if judged is None:
+        return Target(name, t, None, limit, True, "not measured")
+    run, ref, ratio, note = judged
+    detail = f"{run['images_per_s']:.1f} vs {ref['images_per_s']:.1f} images/s{note}"
+    return Target(name, t, ratio, limit, True, detail, _other(run, ref))
 
 
 def targets(service: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[Target]:
     """The five targets for one service run (one thread setting); each compares like with like on `faces`."""
     t, m = service["threads_setting"], TARGET_MODEL
-    png64, png1 = (find_ceiling(ceiling, m, "decode+png", batch, t) for batch in (64, 1))
-
-    def throughput(run: dict[str, Any]) -> float | None:
-        ref = reference(run, "decode+png", 64, png64)
-        return run["images_per_s"] / ref["images_per_s"] if ref else None
-
-    def latency_ratio(run: dict[str, Any]) -> float | None:
-        ref = reference(run, "decode+png", 1, png1)
-        return run["latency_ms"]["p50"] / (1000 * ref["median_s"]) if ref else None
-
-    # With --repeat, each verdict is on the run with the median ratio.
-    c64s, n64s, c1s = (find_runs(service, m, *key) for key in (("sample n=1", 64), ("sample n=64 json", 1), ("sample n=1", 1)))
-    c64, n64, c1 = median_run(c64s, throughput), median_run(n64s, throughput), median_run(c1s, latency_ratio)
-    png1 = reference(c1, "decode+png", 1, png1)
     latency = Target(f"{m} n=1 c=1 p50 latency <= 1.25x in-process batch-1 decode+PNG", t, None, 1.25, False,
                      "not measured")
-    if c1 and png1:
-        p50, inproc = c1["latency_ms"]["p50"], 1000 * png1["median_s"]
-        detail = f"{p50:.1f} vs {inproc:.1f} ms{_paired_note(c1, png1)}{_median_note(c1s, latency_ratio)}"
-        latency = replace(latency, measured=p50 / inproc, detail=detail, other_cpu=_other(c1, png1))
+    judged = _judged(service, ceiling, "sample n=1", 1, lambda run, ref: run["latency_ms"]["p50"] / (1000 * ref["median_s"]))
+    if judged is not None:
+        run, ref, ratio, note = judged
+        detail = f"{run['latency_ms']['p50']:.1f} vs {1000 * ref['median_s']:.1f} ms{note}"
+        latency = replace(latency, measured=ratio, detail=detail, other_cpu=_other(run, ref))
     peak, busiest = service["memory_mib"]["peak"], _other(*service["runs"])
-    c64_target = _throughput_target(f"{m} n=1 c=64 images/s >= 0.9x ceiling (decode+PNG, batch 64)", t,
-                                    c64, reference(c64, "decode+png", 64, png64), 0.9)
-    n64_target = _throughput_target(f"{m} n=64 c=1 images/s >= 1.0x ceiling (decode+PNG, batch 64)", t,
-                                    n64, reference(n64, "decode+png", 64, png64), 1.0)
     return [
-        replace(c64_target, detail=c64_target.detail + _median_note(c64s, throughput)),
+        _throughput_target(f"{m} n=1 c=64 images/s >= 0.9x ceiling (decode+PNG, batch 64)", service, ceiling,
+                           "sample n=1", 64, 0.9),
         latency,
-        replace(n64_target, detail=n64_target.detail + _median_note(n64s, throughput)),
+        _throughput_target(f"{m} n=64 c=1 images/s >= 1.0x ceiling (decode+PNG, batch 64)", service, ceiling,
+                           "sample n=64 json", 1, 1.0),
         Target(f"ready < {READY_LIMIT_S:g} s ({', '.join(service['models'])})", t, service["ready_s"], READY_LIMIT_S,
                False, f"{service['ready_s']:.2f} s", busiest),
         Target(f"RSS < {RSS_LIMIT_MIB:.0f} MiB (peak over the whole run)", t, peak, RSS_LIMIT_MIB, False,
