@@ -22,8 +22,10 @@ import torch
 
 from bench import ceiling, load, report
 from bench.server import running_server
+from service import graphs
 from service.artifact import ArtifactError, read_artifact
-from service.repository import discover, pick_device
+from service.repository import discover, pick_device, pick_dtype
+from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 BATCHES = (1, 8, 32, 64)
@@ -45,6 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=comma_ints, default=[0],
                    help="VAE_TORCH_THREADS values to measure, e.g. 1,2 (0: torch's default; default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... for the ceiling and the service (VAE_DEVICE)")
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="the models' dtype for the ceiling and the service (VAE_PRECISION; default auto)")
+    p.add_argument("--cuda-graphs", default="on", choices=("on", "off"),
+                   help="on a GPU, replay batches from CUDA graphs, in the ceiling and the service (VAE_CUDA_GRAPHS)")
     p.add_argument("--duration", type=float, default=6.0, help="seconds per wrk run (default 6)")
     p.add_argument("--quick", action="store_true", help="3 s wrk runs and shorter in-process timings")
     p.add_argument("--only", choices=("ceiling", "service"), help="measure only one part")
@@ -108,7 +114,8 @@ def measure_service(args: argparse.Namespace, models: list[str], workloads: dict
                     threads_setting: int, workdir: Path) -> dict[str, Any]:
     """Start the service at one thread setting, warm it up, run every scenario, stop it. The in-process work a
     target compares with is measured again just before and just after its scenario: a shared machine drifts."""
-    env = {"VAE_TORCH_THREADS": str(threads_setting), "VAE_DEVICE": args.device}
+    env = {"VAE_TORCH_THREADS": str(threads_setting), "VAE_DEVICE": args.device, "VAE_PRECISION": args.precision,
+           "VAE_CUDA_GRAPHS": "true" if args.cuda_graphs == "on" else "false"}
     env |= dict(item.split("=", 1) for item in args.env)
     uploads = {name: w.upload for name, w in workloads.items()}
     bodies = {s: load.write_body(s, uploads[s.model], workdir) for s in load.scenarios(models)}
@@ -182,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             "models_dir": str(models_dir),
             "models": models,
             "threads": args.threads,
+            "precision": args.precision,
+            "cuda_graphs": args.cuda_graphs,
             "duration_s": args.duration,
             "quick": args.quick,
             "repeat": args.repeat,
@@ -196,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     if "faces" not in models:
         say("no faces model: the targets, which are about faces, are skipped")
 
-    workloads = {name: ceiling.Workload.load(artifact, device) for name, artifact in artifacts.items()}
+    # The models as the service loads them: the same dtype, the same CUDA graphs (on a GPU).
+    dtype, max_batch = pick_dtype(args.precision), Settings.model_fields["max_batch_size"].default
+    sizes = graphs.batch_sizes(max_batch) if args.cuda_graphs == "on" else ()
+    workloads = {name: ceiling.Workload.load(artifact, device, dtype, sizes) for name, artifact in artifacts.items()}
     if args.only != "service":
         for threads_setting in args.threads:
             for name, workload in workloads.items():

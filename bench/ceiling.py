@@ -1,10 +1,11 @@
 """The ceiling: what one Python thread gets from a model in-process, with no HTTP, batcher or event loop.
 
-Each mode does, for one batch, exactly the work the service does for it:
-- `decode`: `module.decode(z)` and the copy back to float32 on the CPU (the batcher's `_call`);
-- `decode+png`: `module.decode(z)`, `imaging.quantize` to uint8 pixels and the copy to the CPU (the decode
-  batcher's `_call`), then one `imaging.png_bytes` per image, one after another;
-- `upload+encode`: `imaging.prepare_upload` for each uploaded PNG, then `module.encode` (what /encode does).
+Each mode does, for one batch, exactly the work the service does for it, with the model loaded as the service
+loads it (`load_model`: its precision, and its CUDA graphs on a GPU):
+- `decode`: the decode batcher's `_call`: the model's decode, the finite check, `imaging.quantize` to uint8
+  pixels and the copy to the CPU;
+- `decode+png`: the same, then one `imaging.png_bytes` per image, one after another;
+- `upload+encode`: `imaging.prepare_upload` for each uploaded PNG, then the model's encode (what /encode does).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from bench.server import machine_busy_seconds
 from service import imaging
 from service.artifact import Artifact
+from service.repository import ServedModel, load_model
 from service.settings import Settings
 
 MODES = ("decode", "decode+png", "upload+encode")
@@ -66,42 +68,44 @@ def time_call(fn: Callable[[], Any], min_time_s: float, min_iterations: int = 3,
     return statistics.median(times), len(times)
 
 
-def sample_upload(module: Any, artifact: Artifact, device: torch.device) -> bytes:
+def sample_upload(decode: Callable[[torch.Tensor], Any], latent_dim: int) -> bytes:
     """A PNG the model drew itself (seed 0): a realistic upload of exactly the model's size."""
-    z = torch.randn(1, artifact.latent_dim, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(1, latent_dim, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        image = module.decode(z.to(device)).float().cpu()
-    return imaging.png_bytes(imaging.to_uint8(image)[0])
+        return imaging.png_bytes(imaging.quantize(decode(z)).cpu().numpy()[0])
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One model loaded in the bench process, and the upload its encode mode uses."""
+    """One model loaded in the bench process as the service loads it, and the upload its encode mode uses."""
 
     artifact: Artifact
-    module: Any
-    device: torch.device
+    model: ServedModel
     upload: bytes
 
     @classmethod
-    def load(cls, artifact: Artifact, device: torch.device) -> Workload:
-        module = artifact.load(device)
-        return cls(artifact, module, device, sample_upload(module, artifact, device))
+    def load(cls, artifact: Artifact, device: torch.device, dtype: torch.dtype = torch.float32,
+             graph_sizes: tuple[int, ...] = ()) -> Workload:
+        model = load_model(artifact.directory, device, dtype, graph_sizes)
+        if not model.ready:
+            raise RuntimeError(f"{artifact.directory} does not load: {model.error}")
+        return cls(artifact, model, sample_upload(model.predictor("decode"), artifact.latent_dim))
 
     def work(self, mode: str, batch: int) -> Callable[[], Any]:
         """One batch of `mode`: exactly what the service does for it."""
-        module, device, artifact = self.module, self.device, self.artifact
+        artifact, decoder, encoder = self.artifact, self.model.predictor("decode"), self.model.predictor("encode")
         z = torch.randn(batch, artifact.latent_dim, generator=torch.Generator().manual_seed(batch))
         digit = artifact.manifest.get("upload_normalization") == "digit"
 
-        def decode() -> torch.Tensor:
+        def decode() -> np.ndarray:
             with torch.inference_mode():
-                return module.decode(z.to(device)).float().cpu()
+                images = decoder(z)
+                if not torch.isfinite(images.sum(dtype=torch.float32)):
+                    raise RuntimeError("the model decoded non-finite values")
+                return imaging.quantize(images).cpu().numpy()
 
         def decode_png() -> list[bytes]:
-            with torch.inference_mode():
-                tiles = imaging.quantize(module.decode(z.to(device))).cpu().numpy()
-            return [imaging.png_bytes(tile) for tile in tiles]
+            return [imaging.png_bytes(tile) for tile in decode()]
 
         def upload_encode() -> tuple[torch.Tensor, ...]:
             arrays = [
@@ -110,7 +114,7 @@ class Workload:
             ]
             x = torch.from_numpy(np.stack(arrays))
             with torch.inference_mode():
-                mu, log_var = module.encode(x.to(device))
+                mu, log_var = encoder(x)
             return mu.float().cpu(), log_var.float().cpu()
 
         return dict(zip(MODES, (decode, decode_png, upload_encode), strict=True))[mode]

@@ -182,17 +182,18 @@ def ceiling_table(ceiling: list[dict[str, Any]]) -> list[str]:
     rows = []
     for (model, setting, batch), modes in sorted(groups.items()):
         threads = next(iter(modes.values()))["threads"]
-        png = modes.get("decode+png")
+        png, single = modes.get("decode+png"), groups.get((model, setting, 1), {}).get("decode")
+        lift = f"{modes['decode']['images_per_s'] / single['images_per_s']:.1f}x" if single and "decode" in modes else "-"
         rows.append([
             model, f"{threads}" if setting else f"default ({threads})", str(batch),
-            *(num(modes[mode]["images_per_s"]) if mode in modes else "-" for mode in ("decode", "decode+png")),
+            *(num(modes[mode]["images_per_s"]) if mode in modes else "-" for mode in ("decode", "decode+png")), lift,
             num(1000 * png["median_s"], 2) if png else "-",
             num(modes["upload+encode"]["images_per_s"]) if "upload+encode" in modes else "-",
             num(max(r["other_cores"] for r in modes.values()), 2),
         ])
-    header = ["model", "torch threads", "batch", "decode", "decode+PNG", "ms per batch (decode+PNG)", "upload+encode",
-              "other CPU"]
-    return _table(header, "llrrrrrr", rows)
+    header = ["model", "torch threads", "batch", "decode", "decode+PNG", "decode vs batch 1",
+              "ms per batch (decode+PNG)", "upload+encode", "other CPU"]
+    return _table(header, "llrrrrrrr", rows)
 
 
 def service_table(service: dict[str, Any]) -> list[str]:
@@ -240,6 +241,8 @@ def markdown(results: dict[str, Any]) -> str:
         + (f", {o['wrk']} ({o['wrk_threads']} thread)" if o["wrk"] else "") + f"; commit {m['commit'] or 'unknown'}.",
         f"- Command: `{o['command']}`: {o['duration_s']:g} s per load run, models from `{o['models_dir']}`"
         + (f", service settings {' '.join(o['env'])}" if o["env"] else "") + ".",
+        f"- Models in {o.get('precision', 'auto')} precision"
+        + (", with CUDA graphs" if o.get("cuda_graphs", "on") == "on" and m["device"].startswith("cuda") else "") + ".",
         f"- Load average at the start {m['load_average_start'][0]:.2f}; other processes used up to {busiest:.2f} "
         "CPUs during a measurement (`other CPU`)"
         + (": **the machine was not quiet; rerun before comparing or judging a target**." if busiest > QUIET_OTHER_CPU

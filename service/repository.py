@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from service.artifact import Artifact, ArtifactError, read_artifact
+from service.graphs import GraphedOp
 
 log = logging.getLogger("vae_serve.repository")
 
@@ -24,7 +26,8 @@ class ServedModel:
     module: Any = None  # torch.jit.ScriptModule; called only from the model thread
     error: str | None = None
     device: str = "cpu"
-    info: dict[str, Any] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32  # what the module's weights are and what its inputs are cast to
+    graphs: dict[str, GraphedOp] = field(default_factory=dict)  # "encode"/"decode" -> the op as CUDA graphs
 
     @property
     def ready(self) -> bool:
@@ -40,6 +43,14 @@ class ServedModel:
         assert self.artifact is not None
         return self.artifact.latent_dim
 
+    def predictor(self, op: str) -> Callable[[torch.Tensor], Any]:
+        """What the batcher calls with a batch on the host ("encode" or "decode"): the op's CUDA graphs, or the
+        module's method on the batch moved to the model's device and dtype."""
+        if op in self.graphs:
+            return self.graphs[op]
+        method, device, dtype = getattr(self.module, op), self.device, self.dtype
+        return lambda inputs: method(inputs.to(device, dtype))
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -47,10 +58,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def pick_dtype(precision: str) -> torch.dtype:
+    """Settings.precision -> the dtype models run in. auto is float32: see bench/README.md for the measurements."""
+    return torch.float32 if precision == "auto" else getattr(torch, precision)
+
+
 @torch.inference_mode()
-def warm_up(module: Any, artifact: Artifact, device: torch.device) -> None:
+def warm_up(module: Any, artifact: Artifact, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
     """One dummy encode and decode: checks the declared shapes and pays one-off costs before ready."""
-    x = torch.full((1, *artifact.image_shape), 0.5, device=device)
+    x = torch.full((1, *artifact.image_shape), 0.5, device=device, dtype=dtype)
     mu, log_var = module.encode(x)
     if tuple(mu.shape) != (1, artifact.latent_dim) or tuple(log_var.shape) != (1, artifact.latent_dim):
         raise ArtifactError(f"encode returned {tuple(mu.shape)}, the manifest promises (1, {artifact.latent_dim})")
@@ -61,16 +77,19 @@ def warm_up(module: Any, artifact: Artifact, device: torch.device) -> None:
         raise ArtifactError("decode of the warm-up latent is not finite")
 
 
-def load_model(directory: Path, device: torch.device) -> ServedModel:
-    """Verify and load one model folder; failures are recorded on the result, never raised."""
-    served = ServedModel(name=directory.name, directory=directory, device=str(device))
+def load_model(
+    directory: Path, device: torch.device, dtype: torch.dtype = torch.float32, graph_sizes: Sequence[int] = ()
+) -> ServedModel:
+    """Verify and load one model folder in `dtype`; on CUDA, capture its operations as graphs at `graph_sizes`.
+    Failures are recorded on the result, never raised."""
+    served = ServedModel(name=directory.name, directory=directory, device=str(device), dtype=dtype)
     try:
         artifact = read_artifact(directory)
         if artifact.name != directory.name:
             log.info("model folder %s serves manifest name %r under the folder's name", directory.name, artifact.name)
         served.artifact = artifact
-        module = artifact.load(device)
-        warm_up(module, artifact, device)
+        module = artifact.load(device).to(dtype)
+        warm_up(module, artifact, device, dtype)
         served.module = module
     except ArtifactError as exc:
         served.error = str(exc)
@@ -78,9 +97,26 @@ def load_model(directory: Path, device: torch.device) -> ServedModel:
         served.error = f"{type(exc).__name__}: {exc}"
     if served.error:
         log.error("model %s failed to load: %s", served.name, served.error)
-    else:
-        log.info("model %s ready on %s (%s)", served.name, device, served.artifact.sha256[:12] if served.artifact else "")
+        return served
+    if graph_sizes and device.type == "cuda":
+        served.graphs = capture_graphs(served, device, graph_sizes)
+    log.info("model %s ready on %s in %s%s (%s)", served.name, device, str(dtype).removeprefix("torch."),
+             " with CUDA graphs" if served.graphs else "", served.artifact.sha256[:12] if served.artifact else "")
     return served
+
+
+def capture_graphs(model: ServedModel, device: torch.device, sizes: Sequence[int]) -> dict[str, GraphedOp]:
+    """Both operations as CUDA graphs; a model whose operations cannot be captured is served without them."""
+    module, dtype = model.module, model.dtype
+    try:
+        return {
+            "encode": GraphedOp(module.encode, torch.full((1, *model.image_shape), 0.5, device=device, dtype=dtype), sizes),
+            "decode": GraphedOp(module.decode, torch.zeros(1, model.latent_dim, device=device, dtype=dtype), sizes),
+        }
+    except Exception as exc:  # e.g. an op that synchronises with the host: fine to run, impossible to capture
+        log.warning("model %s cannot be captured as CUDA graphs (%s: %s): serving it without them",
+                    model.name, type(exc).__name__, exc)
+        return {}
 
 
 def discover(model_dir: Path) -> list[Path]:
@@ -92,7 +128,11 @@ def discover(model_dir: Path) -> list[Path]:
 
 def describe(model: ServedModel) -> dict[str, Any]:
     """What /models says of a model."""
-    out: dict[str, Any] = {"name": model.name, "ready": model.ready, "device": model.device, "error": model.error}
+    out: dict[str, Any] = {
+        "name": model.name, "ready": model.ready, "device": model.device, "error": model.error,
+        "precision": str(model.dtype).removeprefix("torch."),
+        "cuda_graphs": model.graphs["decode"].sizes if model.graphs else None,
+    }
     if model.artifact is not None:
         m = model.artifact.manifest
         out |= {

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service import imaging
+from service import graphs, imaging
 from service.batcher import Batcher, NotServing, as_float32
 from service.metrics import Metrics
-from service.repository import ServedModel, describe, discover, load_model, pick_device
+from service.repository import ServedModel, describe, discover, load_model, pick_device, pick_dtype
 from service.settings import Settings
 
 log = logging.getLogger("vae_serve.runtime")
@@ -58,18 +58,22 @@ class Runtime:
         """Load and warm up every model in the repository on the model thread (slow: call it off the event loop)."""
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        device = pick_device(settings.device)
+        device, dtype = pick_device(settings.device), pick_dtype(settings.precision)
+        sizes = graphs.batch_sizes(settings.max_batch_size) if settings.cuda_graphs else ()
         model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        models = model_thread.submit(lambda: {d.name: load_model(d, device) for d in discover(settings.model_dir)}).result()
+        models = model_thread.submit(
+            lambda: {d.name: load_model(d, device, dtype, sizes) for d in discover(settings.model_dir)}
+        ).result()
         if not models:
             log.error("no models in %s: every folder there with a manifest.json is served", settings.model_dir)
         for model in models.values():
             metrics.model_ready.labels(model.name).set(1 if model.ready else 0)
             if model.artifact is not None:
                 m = model.artifact.manifest
-                metrics.model_info.labels(model.name).info(
-                    {"version": str(m.get("version", "")), "sha256": model.artifact.sha256, "device": str(device)}
-                )
+                metrics.model_info.labels(model.name).info({
+                    "version": str(m.get("version", "")), "sha256": model.artifact.sha256, "device": str(device),
+                    "precision": str(model.dtype).removeprefix("torch."), "cuda_graphs": str(bool(model.graphs)).lower(),
+                })
         return cls(
             settings=settings,
             metrics=metrics,
@@ -87,13 +91,9 @@ class Runtime:
         for name, model in self.models.items():
             if not model.ready:
                 continue
-            module, device = model.module, self.device
-            for op, table, predict, finish in (
-                ("encode", self.encoders, lambda x, m=module, d=device: m.encode(x.to(d)), as_float32),
-                ("decode", self.decoders, lambda z, m=module, d=device: m.decode(z.to(d)), imaging.quantize),
-            ):
+            for op, table, finish in (("encode", self.encoders, as_float32), ("decode", self.decoders, imaging.quantize)):
                 table[name] = Batcher(
-                    name, op, predict, self.model_thread, self.metrics,
+                    name, op, model.predictor(op), self.model_thread, self.metrics,
                     max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000, queue_size=s.queue_size,
                     finish=finish,
                 )

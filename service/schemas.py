@@ -105,6 +105,8 @@ class ModelInfo(BaseModel):
     ready: bool
     device: str
     error: str | None = None
+    precision: str = Field("float32", description="the dtype the model runs in")
+    cuda_graphs: list[int] | None = Field(None, description="batch sizes replayed as CUDA graphs; null when none")
     version: str | None = None
     architecture: str | None = None
     image_shape: list[int] | None = None

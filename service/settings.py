@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     strict: bool = Field(True, description="any model that fails to load makes the service unready")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for torch; 0 keeps torch's default")
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="the models' weights and arithmetic; auto: float32 (see bench/README.md)"
+    )
+    cuda_graphs: bool = Field(True, description="on CUDA, replay batches from graphs captured at sizes 1, 2, 4, ...")
 
     max_batch_size: int = Field(64, ge=1, description="most images in one encoder/decoder call")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for company, only under load")

@@ -50,7 +50,9 @@ def test_sample_returns_a_png_and_a_grid(server: str, model: str, size: int, mod
     assert grid.size == (4 * (size + 2) + 2,) * 2
 
 
-def test_seeds_reproduce_byte_identical_images_under_concurrent_load(server: str) -> None:
+def test_seeds_reproduce_the_same_images_under_concurrent_load(server: str) -> None:
+    """Byte for byte on a CPU. On a GPU, to within one level of 255: the batch a request shares decides which
+    kernels run, and their float rounding can tip a pixel to its neighbouring level."""
     request = {"model": "faces", "n": 4, "seed": 1234}
 
     async def load() -> list[httpx.Response]:
@@ -62,7 +64,12 @@ def test_seeds_reproduce_byte_identical_images_under_concurrent_load(server: str
     alone = httpx.post(f"{server}/sample", json=request, timeout=60).content
     responses = asyncio.run(load())
     assert all(r.status_code == 200 for r in responses)
-    assert all(r.content == alone for r in responses[-6:])
+    if httpx.get(f"{server}/models/faces").json()["device"] == "cpu":
+        assert all(r.content == alone for r in responses[-6:])
+    else:
+        pixels = np.asarray(Image.open(io.BytesIO(alone)), dtype=int)
+        for r in responses[-6:]:
+            assert np.abs(np.asarray(Image.open(io.BytesIO(r.content)), dtype=int) - pixels).max() <= 1
 
 
 def test_sample_json_and_decode_of_its_latents_agree(server: str) -> None:

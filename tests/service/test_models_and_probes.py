@@ -7,16 +7,21 @@ import asyncio
 import httpx
 
 from service.app import create_app
+from service.repository import pick_device
 from service.settings import Settings
 
+DEVICE = str(pick_device("auto"))  # the tests' settings leave VAE_DEVICE at auto: CUDA where there is a GPU
+GRAPHS = DEVICE.startswith("cuda")  # and there, batches replay from CUDA graphs
 
-async def test_models_lists_shapes_versions_checksums_and_device(client: httpx.AsyncClient) -> None:
+
+async def test_models_lists_shapes_versions_checksums_device_and_precision(client: httpx.AsyncClient) -> None:
     models = {m["name"]: m for m in (await client.get("/models")).json()["models"]}
     assert set(models) == {"mnist", "faces"}
     assert models["mnist"]["image_shape"] == [1, 28, 28] and models["mnist"]["latent_dim"] == 2
     assert models["faces"]["image_shape"] == [3, 32, 32] and models["faces"]["latent_dim"] == 8
     for m in models.values():
-        assert m["ready"] and m["device"] == "cpu" and len(m["sha256"]) == 64 and m["version"]
+        assert m["ready"] and m["device"] == DEVICE and len(m["sha256"]) == 64 and m["version"]
+        assert m["precision"] == "float32" and m["cuda_graphs"] == ([1, 2, 4, 8, 16, 32, 64] if GRAPHS else None)
 
 
 async def test_one_model_and_an_unknown_one(client: httpx.AsyncClient) -> None:
@@ -62,7 +67,7 @@ async def test_metrics_move_when_requests_are_served(client: httpx.AsyncClient) 
     assert 'vae_queue_wait_seconds_count{model="faces"}' in text
     assert 'vae_compute_seconds_count{model="faces",op="decode"}' in text
     assert 'vae_queue_depth_images{model="faces",op="decode"} 0.0' in text
-    assert 'vae_model_info{device="cpu",model="faces"' in text
+    assert f'vae_model_info{{cuda_graphs="{str(GRAPHS).lower()}",device="{DEVICE}",model="faces",precision="float32"' in text
     assert "process_resident_memory_bytes" in text
 
 

@@ -41,8 +41,9 @@ def wrap_models(monkeypatch: pytest.MonkeyPatch, hook: Hook) -> None:
     """From now on, every model that loads (and passes its warm-up) is served through a StandIn calling `hook`."""
     load_model = service.runtime.load_model
 
-    def load_and_wrap(directory: Path, device: torch.device) -> ServedModel:
-        served = load_model(directory, device)
+    def load_and_wrap(directory: Path, device: torch.device, *args: Any) -> ServedModel:
+        served = load_model(directory, device, *args)
+        served.graphs = {}  # on CUDA: calls go through the module, where the hook sees them
         if served.ready:
             served.module = StandIn(served.name, served.module, hook)
         return served
