@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,  # our JSON handler above
         access_log=False,  # our own access line carries the model and the duration
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),  # int(0.5) or None would wait forever
-        limit_concurrency=None,
+        # uvicorn answers 503 once the open connections, this one included, reach the limit: + 1 lets max_connections in
+        limit_concurrency=settings.max_connections + 1,
         workers=1,  # one process: several would load several copies of the models and split batches
     )
     server = _DrainingServer(config)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -85,6 +85,7 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._arrived = asyncio.Event()
         self._depth = 0  # images queued, not yet taken into a batch
+        self._reserved = 0  # images promised room by `reserve`, not yet submitted
         self._busy = False  # a batch is being computed
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -104,13 +105,28 @@ class Batcher:
     def alive(self) -> bool:
         return self._task is not None and not self._task.done() and not self._closing
 
-    async def submit(self, inputs: Tensor, timeout_s: float) -> tuple[Tensor, ...]:
-        """Queue `inputs` (split into batch-sized items) and wait for all their outputs."""
+    def _admit(self, n: int) -> None:
         if not self.alive:
             raise NotServing(f"model {self.name!r} is not accepting requests")
+        if self._depth + self._reserved + n > self.queue_size:
+            raise QueueFull(f"model {self.name!r} has {self._depth + self._reserved} images queued (limit {self.queue_size})")
+
+    @contextlib.contextmanager
+    def reserve(self, n: int) -> Iterator[None]:
+        """Hold room for `n` images while their inputs are prepared (decoding uploads, say), so that a full queue
+        refuses a request before that work rather than after it. Raises what `submit` would. Submit after leaving
+        the block, with no await in between: the room is then still free."""
+        self._admit(n)
+        self._reserved += n
+        try:
+            yield
+        finally:
+            self._reserved -= n
+
+    async def submit(self, inputs: Tensor, timeout_s: float) -> tuple[Tensor, ...]:
+        """Queue `inputs` (split into batch-sized items) and wait for all their outputs."""
         n = len(inputs)
-        if self._depth + n > self.queue_size:
-            raise QueueFull(f"model {self.name!r} has {self._depth} images queued (limit {self.queue_size})")
+        self._admit(n)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         items = [_Item(chunk, loop.create_future(), deadline) for chunk in inputs.split(self.max_batch_size)]

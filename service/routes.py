@@ -6,6 +6,7 @@ import base64
 import binascii
 import math
 import secrets
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import torch
@@ -41,11 +42,12 @@ _IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 # async: a plain def dependency would cost every request a trip through the thread pool
-async def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> AsyncIterator[Runtime]:
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is None:  # the lifespan is still loading the models
         raise NotServing("the models are still loading")
-    return runtime
+    with runtime.serving():  # a drain waits for the request's last steps, not only for its batch
+        yield runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
@@ -179,10 +181,9 @@ async def encode(request: Request, runtime: RuntimeDep) -> EncodeResponse:
     if len(files) > runtime.settings.max_images_per_request:
         raise unprocessable(f"{len(files)} images; this server encodes at most {runtime.settings.max_images_per_request}")
     try:
-        x = await runtime.prepare_uploads(model, files, invert)
+        mu, log_var = await runtime.encode_uploads(model, files, invert)
     except ImageError as exc:
         raise unprocessable(str(exc)) from None
-    mu, log_var = await runtime.encode(name, x)
     return EncodeResponse(model=name, latent_dim=model.latent_dim, mu=mu.tolist(), log_var=log_var.tolist())
 
 

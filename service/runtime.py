@@ -12,9 +12,11 @@ and every op then pays to wake them: a batch-1 faces decode measured 3.3 ms with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +54,7 @@ class Runtime:
     model_thread: ThreadPoolExecutor
     image_threads: ThreadPoolExecutor
     draining: bool = False
+    active: int = 0  # requests being served (see `serving`)
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -99,11 +102,24 @@ class Runtime:
                 )
                 table[name].start()
 
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Count a request as in progress from its start to its answer."""
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
     async def drain(self) -> None:
         """Stop admitting work, finish what was admitted (bounded), then stop the threads."""
         self.draining = True
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.settings.drain_timeout_s
         batchers = [*self.encoders.values(), *self.decoders.values()]
         await asyncio.gather(*(b.drain(self.settings.drain_timeout_s) for b in batchers))
+        while self.active and loop.time() < give_up:  # their last steps, PNG encoding, need the image threads
+            await asyncio.sleep(0.01)
         self.model_thread.shutdown(wait=False, cancel_futures=True)
         self.image_threads.shutdown(wait=False, cancel_futures=True)
 
@@ -141,6 +157,13 @@ class Runtime:
     async def encode(self, name: str, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, log_var = await self.encoders[name].submit(x, self.settings.request_timeout_s)
         return mu, log_var
+
+    async def encode_uploads(self, model: ServedModel, files: list[bytes], invert: bool | None) -> tuple[Tensor, Tensor]:
+        """Decode uploads and encode them. Room in the encoder's queue is held before the uploads are decoded: when
+        it is full, the request is refused (429) without the CPU spent on decoding."""
+        with self.encoders[model.name].reserve(len(files)):
+            x = await self.prepare_uploads(model, files, invert)
+        return await self.encode(model.name, x)
 
     async def prepare_uploads(self, model: ServedModel, files: list[bytes], invert: bool | None) -> Tensor:
         """Decode and convert uploads on the image threads; (N, C, H, W) float in [0, 1]."""

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
     drain_timeout_s: float = Field(20.0, ge=0, description="on SIGTERM, how long admitted requests may finish")
 
+    max_connections: int = Field(1000, ge=1, description="requests on connections beyond this many get 503 at once")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger bodies get 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger uploads get 422 (decompression bombs)")
     max_images_per_request: int = Field(64, ge=1, description="images per /encode request")

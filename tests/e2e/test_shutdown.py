@@ -21,8 +21,10 @@ import pytest
 import torch
 import uvicorn
 
+from service import imaging
 from service.__main__ import _DrainingServer
 from service.app import create_app
+from service.runtime import IMAGE_THREADS
 from service.settings import Settings
 from tests.conftest import REPO, serve
 from tests.e2e.server import free_port
@@ -183,6 +185,29 @@ async def test_draining_lets_every_admitted_request_finish(settings: Settings,
             assert [r.status_code for r in await asyncio.gather(*admitted)] == [200] * 5
             await draining
     assert len(calls) == 20  # every admitted image was computed
+
+
+async def test_draining_waits_for_requests_whose_pngs_are_still_queued(settings: Settings,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    png_bytes, started = imaging.png_bytes, threading.Event()
+
+    def slow_png(*args: object, **kwargs: object) -> bytes:
+        started.set()
+        time.sleep(0.2)
+        return png_bytes(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(imaging, "png_bytes", slow_png)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        await app.state.loading
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            # more requests than image threads: some PNGs wait in the pool's queue while the batchers are idle
+            admitted = [asyncio.create_task(client.post("/sample", json={"model": "faces"}))
+                        for _ in range(IMAGE_THREADS + 2)]
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            await app.state.runtime.drain()
+            assert [r.status_code for r in await asyncio.gather(*admitted)] == [200] * (IMAGE_THREADS + 2)
 
 
 async def test_a_drain_past_its_timeout_still_answers_every_waiting_request_at_once(

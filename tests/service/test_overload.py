@@ -13,6 +13,7 @@ import httpx
 import pytest
 import torch
 
+from service import imaging
 from service.settings import Settings
 from tests.conftest import png
 from tests.service.tools import peak_memory_growth, serve_with_hook
@@ -125,3 +126,24 @@ async def test_a_request_past_its_deadline_gets_504_at_the_deadline_and_is_never
         assert ok.status_code == 200
         assert calls == [1, 3]  # the expired request of 2 images was dropped from the queue, not computed
         assert 'vae_failures_total{reason="timeout"} 2.0' in (await c.get("/metrics")).text
+
+
+async def test_a_full_encode_queue_refuses_uploads_before_decoding_them(
+    overload_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded = []
+    prepare_upload = imaging.prepare_upload
+
+    def counting(*args: object, **kwargs: object) -> object:
+        decoded.append(1)
+        return prepare_upload(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(imaging, "prepare_upload", counting)
+    upload = png(size=(32, 32))
+    async with serve_with_hook(overload_settings, monkeypatch, slow_model) as client:
+        responses = await asyncio.gather(
+            *(client.post("/encode", data={"model": "faces"}, files={"image": upload}) for _ in range(40))
+        )
+    statuses = Counter(r.status_code for r in responses)
+    assert set(statuses) == {200, 429} and statuses[200] >= 8, statuses
+    assert len(decoded) == statuses[200]  # every refused upload was refused before it was decoded
