@@ -70,6 +70,9 @@ class LimitsAndAccessLog:
             declared = int(dict(scope["headers"]).get(b"content-length", b"0") or 0)
         except ValueError:
             declared = 0
+        runtime: Runtime | None = getattr(scope["app"].state, "runtime", None)  # None while the models load
+        if runtime is not None:
+            runtime.active += 1  # a drain waits for requests in progress: their PNGs need the image threads
         try:
             if declared > self.max_body_bytes:
                 raise _BodyTooLarge(self.max_body_bytes)
@@ -79,6 +82,8 @@ class LimitsAndAccessLog:
                 raise
             await JSONResponse({"detail": exc.detail}, status_code=413)(scope, receive, send_wrapper)
         finally:
+            if runtime is not None:
+                runtime.active -= 1
             self._observe(scope, status, time.perf_counter() - started)
 
     def _observe(self, scope: Scope, status: int, seconds: float) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-import secrets
-from collections.abc import AsyncIterator
+import random
 from typing import Annotated, Any
 
 import torch
@@ -42,15 +41,15 @@ _IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 # async: a plain def dependency would cost every request a trip through the thread pool
-async def get_runtime(request: Request) -> AsyncIterator[Runtime]:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is None:  # the lifespan is still loading the models
         raise NotServing("the models are still loading")
-    with runtime.serving():  # a drain waits for the request's last steps, not only for its batch
-        yield runtime
+    return runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+_SEEDS = random.Random()  # seeded from os.urandom once: a seed per request without a system call per request
 
 
 def wants_json(request: Request) -> bool:
@@ -102,7 +101,7 @@ async def sample(body: SampleRequest, request: Request, runtime: RuntimeDep) -> 
     runtime.model(body.model)
     if body.n > runtime.settings.max_samples:
         raise unprocessable(f"n is {body.n}; this server returns at most {runtime.settings.max_samples} images")
-    seed = body.seed if body.seed is not None else secrets.randbits(31)
+    seed = body.seed if body.seed is not None else _SEEDS.getrandbits(31)
     # Latents come from the request's own generator, so batching with other requests cannot change them.
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(body.n, runtime.model(body.model).latent_dim, generator=generator) * body.temperature

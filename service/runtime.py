@@ -12,11 +12,9 @@ and every op then pays to wake them: a batch-1 faces decode measured 3.3 ms with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +52,7 @@ class Runtime:
     model_thread: ThreadPoolExecutor
     image_threads: ThreadPoolExecutor
     draining: bool = False
-    active: int = 0  # requests being served (see `serving`)
+    active: int = 0  # requests in progress, counted by the app's middleware: a drain waits for them
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -101,15 +99,6 @@ class Runtime:
                     finish=finish,
                 )
                 table[name].start()
-
-    @contextlib.contextmanager
-    def serving(self) -> Iterator[None]:
-        """Count a request as in progress from its start to its answer."""
-        self.active += 1
-        try:
-            yield
-        finally:
-            self.active -= 1
 
     async def drain(self) -> None:
         """Stop admitting work, finish what was admitted (bounded), then stop the threads."""
