@@ -49,8 +49,8 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('VAE_PORT', '8000')}/healthz\", timeout=4)"]
 
-# ONE server process per GPU, never several workers (uvicorn --workers, gunicorn): each worker would
-# load its own copy of every model onto the GPU and the batcher would split the traffic between them,
-# so batches get smaller and latency worse. Scale out with more containers, one per GPU.
+# One container per GPU. VAE_WORKERS (default 1) starts that many server processes on the port, each with
+# every model: on a GPU one Python process is the limit long before the GPU (see README, Deployment).
+# Never uvicorn --workers or gunicorn: they would skip the models' drain and the shared metrics.
 # Exec form: vae-serve is PID 1 and gets SIGTERM itself, so it drains (VAE_DRAIN_TIMEOUT_S) before exiting.
 CMD ["vae-serve"]

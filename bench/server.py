@@ -45,6 +45,20 @@ def proc_cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(after_name[11]) + int(after_name[12])) / _CLOCK_TICKS  # utime, stime (fields 14 and 15)
 
 
+def proc_children(pid: int) -> list[int]:
+    """Live processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):  # gone meanwhile
+                continue
+            if parent == pid:
+                found.append(int(entry.name))
+    return found
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds every core of the machine spent on anything but idling (first line of /proc/stat)."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -67,12 +81,19 @@ class Server:
     def pid(self) -> int:
         return self.process.pid
 
+    def pids(self) -> list[int]:
+        """The server process and its children: the worker processes with VAE_WORKERS > 1."""
+        return [self.pid, *proc_children(self.pid)]
+
     def memory_mb(self) -> dict[str, float]:
-        return proc_memory_mb(self.pid)
+        """Summed over the server's processes (the peaks too: an upper bound of the peak of the sum)."""
+        per_process = [proc_memory_mb(pid) for pid in self.pids()]
+        return {key: sum(m[key] for m in per_process) for key in ("rss", "peak")}
 
     def cpu_seconds(self) -> tuple[float, float]:
-        """(the whole process, its main thread: the event loop that runs HTTP, routing and validation)."""
-        return proc_cpu_seconds(self.pid), proc_cpu_seconds(self.pid, self.pid)
+        """(the whole server, its main threads: the event loops that run HTTP, routing and validation)."""
+        pids = self.pids()
+        return sum(proc_cpu_seconds(p) for p in pids), sum(proc_cpu_seconds(p, p) for p in pids)
 
     def counters(self) -> dict[tuple[str, str, str], float]:
         """(metric sample name, model, op) -> value for the batcher's histograms' _sum and _count."""

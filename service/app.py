@@ -187,8 +187,16 @@ def _api_key_dependency(settings: Settings) -> Any:
     return require_api_key
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app for `settings`: models load in the background; /readyz turns 200 once all are warm."""
+async def sample_process(metrics: Metrics, every_s: float = 5.0) -> None:
+    """With several workers, each records its own memory and CPU time for /metrics to add up."""
+    while True:
+        metrics.sample_process()
+        await asyncio.sleep(every_s)
+
+
+def create_app(settings: Settings | None = None, *, wait_for_models: bool = False) -> FastAPI:
+    """The app for `settings`: models load in the background; /readyz turns 200 once all are warm. With
+    `wait_for_models`, the lifespan's startup waits for them, and the server accepts connections only then."""
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -203,11 +211,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         loading = asyncio.create_task(load())
         app.state.loading = loading
+        sampling = asyncio.create_task(sample_process(metrics)) if metrics.multiprocess else None
+        if wait_for_models:
+            await loading
         try:
             yield
         finally:
             if not loading.done():
                 loading.cancel()
+            if sampling is not None:
+                sampling.cancel()
             runtime: Runtime | None = getattr(app.state, "runtime", None)
             if runtime is not None:
                 await runtime.drain()

@@ -17,6 +17,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     strict: bool = Field(True, description="any model that fails to load makes the service unready")
+    workers: int = Field(
+        1, ge=1, le=64, description="server processes on the port, each with every model: for GPU hosts (see README)"
+    )
     torch_threads: int = Field(0, ge=0, description="intra-op threads for torch; 0 keeps torch's default")
     precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="the models' weights and arithmetic; auto: float32 (see bench/README.md)"

@@ -24,7 +24,7 @@ def test_every_setting_is_documented() -> None:
 def test_every_metric_is_documented() -> None:
     from service.metrics import Metrics
 
-    families = [m for m in Metrics().registry.collect() if m.name.startswith("vae_")]
+    families = [m for m in Metrics().collect() if m.name.startswith("vae_")]
     suffix = {"counter": "_total", "info": "_info"}
     for family in families:
         exposed = family.name + suffix.get(family.type, "")

@@ -135,6 +135,8 @@ def test_the_cpu_service_is_the_gpu_service_without_the_gpu() -> None:
     assert gpu_build == cpu_build
     gpu_env, cpu_env = gpu.pop("environment"), cpu.pop("environment")
     assert gpu_env.pop("VAE_DEVICE") == "cuda" and cpu_env.pop("VAE_DEVICE") == "cpu"
+    # more processes pay on a GPU only
+    assert gpu_env.pop("VAE_WORKERS") == "${VAE_WORKERS:-4}" and cpu_env.pop("VAE_WORKERS") == "${VAE_WORKERS:-1}"
     assert gpu_env == cpu_env
     assert gpu == cpu
 

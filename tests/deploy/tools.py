@@ -42,7 +42,7 @@ def defined_metric_names() -> set[str]:
         "info": ("_info",),
     }
     names: set[str] = set()
-    for family in Metrics().registry.collect():
+    for family in Metrics().collect():
         names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
         names.update(sample.name for sample in family.samples)
     return names

@@ -22,9 +22,9 @@ import torch
 import uvicorn
 
 from service import imaging
-from service.__main__ import _DrainingServer
 from service.app import create_app
 from service.runtime import IMAGE_THREADS
+from service.server import DrainingServer
 from service.settings import Settings
 from tests.conftest import REPO, serve
 from tests.e2e.server import free_port
@@ -148,7 +148,7 @@ async def test_sigterm_with_more_work_than_the_drain_timeout_exits_0_in_bounded_
 
 async def test_on_sigterm_readyz_turns_503_at_once_and_new_work_is_refused(settings: Settings) -> None:
     async with serve(settings) as client:
-        server = _DrainingServer(uvicorn.Config(client.app))  # type: ignore[attr-defined]
+        server = DrainingServer(uvicorn.Config(client.app))  # type: ignore[attr-defined]
         server.handle_exit(signal.SIGTERM, None)
         assert server.should_exit
         readyz = await client.get("/readyz")

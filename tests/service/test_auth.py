@@ -15,6 +15,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 import service.__main__
+import service.server
 from service.app import log_format
 from service.settings import Settings
 from tests.conftest import png, serve
@@ -144,7 +145,7 @@ def test_the_server_binds_to_loopback_unless_told_otherwise(monkeypatch: pytest.
     for name in ("VAE_HOST", "VAE_PORT"):
         monkeypatch.delenv(name, raising=False)
     bound: list[tuple[str, int]] = []
-    monkeypatch.setattr(service.__main__._DrainingServer, "run", lambda self: bound.append((self.config.host,
+    monkeypatch.setattr(service.server.DrainingServer, "run", lambda self: bound.append((self.config.host,
                                                                                              self.config.port)))
     monkeypatch.setattr(logging, "basicConfig", lambda **_: None)  # leave the test run's logging alone
     assert Settings().host == "127.0.0.1"

@@ -1,0 +1,52 @@
+"""The uvicorn server as vae-serve runs it: JSON logs, limits, and a drain on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+
+import uvicorn
+from fastapi import FastAPI
+
+from service.app import log_format
+from service.settings import Settings
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return log_format(record)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # our JSON handler above
+        access_log=False,  # our own access line carries the model and the duration
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),  # int(0.5) or None would wait forever
+        # uvicorn answers 503 once the open connections, this one included, reach the limit: + 1 lets max_connections in
+        limit_concurrency=settings.max_connections + 1,
+        workers=1,  # several processes: VAE_WORKERS (service/workers.py), not uvicorn's
+    )
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT, turn /readyz to 503 at once, then let uvicorn stop accepting and drain."""
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        runtime = getattr(self.config.app.state, "runtime", None)  # type: ignore[union-attr]
+        if runtime is not None:
+            runtime.draining = True
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+        # uvicorn re-raises a caught signal once it has shut down, which would end the process with -15 although
+        # the drain finished: a drained stop on SIGTERM is a clean exit (0). SIGINT keeps its KeyboardInterrupt.
+        if sig == signal.SIGTERM and sig in self._captured_signals:
+            self._captured_signals.remove(sig)
