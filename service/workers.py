@@ -24,6 +24,8 @@ from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Event
 from typing import Any
 
+from prometheus_client import multiprocess
+
 from service.settings import Settings
 
 log = logging.getLogger("vae_serve.workers")
@@ -52,7 +54,7 @@ def supervise(settings: Settings, overrides: dict[str, Any]) -> int:
 
     def start() -> _Worker:
         ready = context.Event()
-        process = context.Process(target=_serve, args=(sock, ready), name="vae-serve-worker")
+        process = context.Process(target=_serve, args=(sock, ready, os.getpid()), name="vae-serve-worker")
         process.start()
         return _Worker(process, ready, time.monotonic())
 
@@ -70,12 +72,12 @@ def supervise(settings: Settings, overrides: dict[str, Any]) -> int:
                         failed = True
                     continue
                 _forget(worker.process.pid)
-                if not worker.ready.is_set():  # it never served: a new one would fail the same way
-                    log.error("worker %d exited with %s before it served: stopping",
-                              worker.process.pid, worker.process.exitcode)
+                code = worker.process.exitcode
+                if not worker.ready.is_set() and code is not None and code > 0:  # its own error: a new one would fail alike
+                    log.error("worker %d failed before it served (exit code %s): stopping", worker.process.pid, code)
                     failed = True
                     continue
-                log.error("worker %d exited with %s: starting another", worker.process.pid, worker.process.exitcode)
+                log.error("worker %d exited with %s: starting another", worker.process.pid, code)
                 time.sleep(RESTART_DELAY_S)
                 workers[i] = start()
     finally:
@@ -105,14 +107,13 @@ class _Worker:
 
 def _forget(pid: int | None) -> None:
     """A dead worker's gauges leave the sums (live modes); its counters stay, as a counter must."""
-    from prometheus_client import multiprocess
-
     if pid is not None:
         multiprocess.mark_process_dead(pid)
 
 
-def _serve(sock: socket.socket, ready: Event) -> None:
-    """One server process: load the models, then accept connections on the shared socket until SIGTERM."""
+def _serve(sock: socket.socket, ready: Event, parent: int) -> None:
+    """One server process: load the models, then accept connections on the shared socket until SIGTERM or until
+    `parent`, the supervisor, is gone (it may die before this process has even started)."""
     os.setpgid(0, 0)  # Ctrl-C in a terminal reaches the parent alone, which stops every worker the same way
     from service import server
     from service.app import create_app
@@ -120,14 +121,12 @@ def _serve(sock: socket.socket, ready: Event) -> None:
     settings = Settings()
     server.configure_logging(settings.log_level)
     worker = server.DrainingServer(server.config(create_app(settings, wait_for_models=True), settings))
-    parent = os.getppid()
 
     def watch() -> None:
-        while not worker.started:  # the lifespan has loaded the models: serving from now on
-            time.sleep(0.05)
-        ready.set()
         while os.getppid() == parent:  # a parent killed outright (SIGKILL) must not leave workers behind
-            time.sleep(1)
+            if worker.started and not ready.is_set():  # the lifespan has loaded the models: serving from now on
+                ready.set()
+            time.sleep(1 if ready.is_set() else 0.05)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True, name="watch-parent").start()

@@ -46,6 +46,17 @@ def eventually(check: Callable[[], bool], timeout_s: float = 20) -> bool:
     return True
 
 
+def loaded(pids: list[int]) -> None:
+    """Wait until every worker has loaded its models: /readyz answers as soon as one has. Loading keeps a
+    worker busy; a loaded worker, with no requests, is idle."""
+    def idle() -> bool:
+        before = [cpu_seconds(pid) for pid in pids]
+        time.sleep(0.5)
+        return [cpu_seconds(pid) for pid in pids] == before
+
+    assert eventually(idle, timeout_s=60)
+
+
 def requests_counted(url: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     line = next(line for line in text.splitlines() if line.startswith('vae_requests_total{endpoint="/sample"'))
@@ -56,17 +67,25 @@ def test_two_workers_share_the_port_and_the_metrics_add_up_across_them(tiny_mode
     with running_server(tiny_models, VAE_WORKERS="2") as (url, process):
         workers = children(process.pid)
         assert len(workers) == 2
+        loaded(workers)
         busy = {pid: cpu_seconds(pid) for pid in workers}
+        sent = 0
 
-        async def load() -> list[int]:
+        async def load() -> list[int]:  # 100 requests on 32 new connections, each accepted by one worker or the other
             limits = httpx.Limits(max_connections=32)
             async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-                answers = await asyncio.gather(*(client.post("/sample", json={"model": "mnist"}) for _ in range(300)))
+                answers = await asyncio.gather(*(client.post("/sample", json={"model": "mnist"}) for _ in range(100)))
             return [r.status_code for r in answers]
 
-        assert asyncio.run(load()) == [200] * 300
-        assert all(cpu_seconds(pid) - busy[pid] > 0.02 for pid in workers)  # both answered some of the 32 connections
-        assert [requests_counted(url) for _ in range(4)] == [300.0] * 4  # whichever worker answers /metrics
+        def both_served() -> bool:
+            nonlocal sent
+            assert asyncio.run(load()) == [200] * 100
+            sent += 100
+            return all(cpu_seconds(pid) - busy[pid] > 0.02 for pid in workers)
+
+        assert eventually(both_served)
+        # whichever worker answers /metrics (a request is counted just after its answer is sent: hence eventually)
+        assert eventually(lambda: [requests_counted(url) for _ in range(4)] == [float(sent)] * 4, timeout_s=5)
         text = httpx.get(f"{url}/metrics", timeout=10).text
         memory = float(next(line for line in text.splitlines() if line.startswith("process_resident_memory_bytes ")).split()[1])
         assert memory > 2 * 100 * 2**20  # both workers' memory, added up
@@ -76,6 +95,7 @@ def test_two_workers_share_the_port_and_the_metrics_add_up_across_them(tiny_mode
 def test_a_worker_that_dies_is_replaced_and_sigterm_stops_them_all(tiny_models: Path) -> None:
     with running_server(tiny_models, VAE_WORKERS="2") as (url, process):
         first = children(process.pid)[0]
+        loaded(children(process.pid))
         os.kill(first, signal.SIGKILL)
         assert eventually(lambda: len(children(process.pid)) == 2 and first not in children(process.pid))
         assert eventually(lambda: httpx.post(f"{url}/sample", json={"model": "faces"}, timeout=10).status_code == 200)
