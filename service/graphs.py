@@ -8,14 +8,11 @@ padding changes nothing in the real rows, and it is zeroed so that every replay 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-log = logging.getLogger("vae_serve.graphs")
 
 Op = Callable[[Tensor], Tensor | tuple[Tensor, ...]]
 

@@ -16,7 +16,7 @@ import yaml
 from tests.conftest import make_tiny_models
 from tests.deploy.test_dockerfile import healthcheck_passes
 from tests.deploy.tools import DEPLOY, tool
-from tests.e2e.server import free_port, running_server
+from tests.e2e.server import eventually, free_port, running_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -78,16 +78,6 @@ def query(prometheus: str, promql: str) -> list[dict[str, Any]]:
     assert body["status"] == "success", body
     result: list[dict[str, Any]] = body["data"]["result"]
     return result
-
-
-def eventually(check: Callable[[], Any], timeout_s: float = 15) -> Any:
-    """The first truthy value of `check()`, polled until `timeout_s`; the last value if none came."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.25)
 
 
 def test_prometheus_scrapes_the_running_service(tmp_path: Path) -> None:

@@ -8,9 +8,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -53,3 +54,13 @@ def running_server(model_dir: Path, ready_timeout_s: float = 60, **env: str) -> 
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+def eventually(check: Callable[[], Any], timeout_s: float = 15) -> Any:
+    """The first truthy value of `check()`, polled until `timeout_s`; the last value if none came."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.25)

@@ -6,53 +6,36 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.server import running_server
+from bench.server import proc_children, proc_cpu_seconds
+from tests.e2e.server import eventually, running_server
 
 pytestmark = pytest.mark.e2e
 
 
 def children(pid: int) -> list[int]:
-    """The worker processes whose parent is `pid` (from /proc; multiprocessing's resource tracker is not one)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                after_name = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                worker = b"spawn_main" in (entry / "cmdline").read_bytes()
-            except OSError:  # it exited meanwhile
-                continue
-            if int(after_name[1]) == pid and worker:
-                found.append(int(entry.name))
-    return sorted(found)
-
-
-def cpu_seconds(pid: int) -> float:
-    after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(after_name[11]) + int(after_name[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def eventually(check: Callable[[], bool], timeout_s: float = 20) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
+    """The worker processes of `pid` (multiprocessing's resource tracker is a child too, not a worker)."""
+    workers = []
+    for child in proc_children(pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(child)
+        except OSError:  # it exited meanwhile
+            continue
+    return sorted(workers)
 
 
 def loaded(pids: list[int]) -> None:
     """Wait until every worker has loaded its models: /readyz answers as soon as one has. Loading keeps a
     worker busy; a loaded worker, with no requests, is idle."""
     def idle() -> bool:
-        before = [cpu_seconds(pid) for pid in pids]
+        before = [proc_cpu_seconds(pid) for pid in pids]
         time.sleep(0.5)
-        return [cpu_seconds(pid) for pid in pids] == before
+        return [proc_cpu_seconds(pid) for pid in pids] == before
 
     assert eventually(idle, timeout_s=60)
 
@@ -68,7 +51,7 @@ def test_two_workers_share_the_port_and_the_metrics_add_up_across_them(tiny_mode
         workers = children(process.pid)
         assert len(workers) == 2
         loaded(workers)
-        busy = {pid: cpu_seconds(pid) for pid in workers}
+        busy = {pid: proc_cpu_seconds(pid) for pid in workers}
         sent = 0
 
         async def load() -> list[int]:  # 100 requests on 32 new connections, each accepted by one worker or the other
@@ -81,9 +64,9 @@ def test_two_workers_share_the_port_and_the_metrics_add_up_across_them(tiny_mode
             nonlocal sent
             assert asyncio.run(load()) == [200] * 100
             sent += 100
-            return all(cpu_seconds(pid) - busy[pid] > 0.02 for pid in workers)
+            return all(proc_cpu_seconds(pid) - busy[pid] > 0.02 for pid in workers)
 
-        assert eventually(both_served)
+        assert eventually(both_served, timeout_s=20)
         # whichever worker answers /metrics (a request is counted just after its answer is sent: hence eventually)
         assert eventually(lambda: [requests_counted(url) for _ in range(4)] == [float(sent)] * 4, timeout_s=5)
         text = httpx.get(f"{url}/metrics", timeout=10).text
@@ -97,8 +80,9 @@ def test_a_worker_that_dies_is_replaced_and_sigterm_stops_them_all(tiny_models: 
         first = children(process.pid)[0]
         loaded(children(process.pid))
         os.kill(first, signal.SIGKILL)
-        assert eventually(lambda: len(children(process.pid)) == 2 and first not in children(process.pid))
-        assert eventually(lambda: httpx.post(f"{url}/sample", json={"model": "faces"}, timeout=10).status_code == 200)
+        assert eventually(lambda: len(children(process.pid)) == 2 and first not in children(process.pid), timeout_s=20)
+        assert eventually(lambda: httpx.post(f"{url}/sample", json={"model": "faces"}, timeout=10).status_code == 200,
+                          timeout_s=20)
         workers = children(process.pid)
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
