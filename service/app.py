@@ -174,11 +174,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _api_key_dependency(settings: Settings) -> Any:
-    expected = settings.api_key.get_secret_value().encode() if settings.api_key else None
+    assert settings.api_key is not None
+    expected = settings.api_key.get_secret_value().encode()
 
     async def require_api_key(request: Request) -> None:
-        if expected is None:
-            return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected):
@@ -233,10 +232,11 @@ def create_app(settings: Settings | None = None, *, wait_for_models: bool = Fals
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    auth = Depends(_api_key_dependency(settings))
-    app.include_router(router, dependencies=[auth], responses=ERROR_RESPONSES)
+    # Without a key there is nothing to check: no dependency, rather than one that returns at once on every request.
+    auth = [Depends(_api_key_dependency(settings))] if settings.api_key else []
+    app.include_router(router, dependencies=auth, responses=ERROR_RESPONSES)
     app.include_router(probes)
-    app.include_router(metrics_router, dependencies=[auth] if settings.metrics_require_key else [])
+    app.include_router(metrics_router, dependencies=auth if settings.metrics_require_key else [])
     _install_error_handlers(app)
     app.add_middleware(LimitsAndAccessLog, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app

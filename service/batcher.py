@@ -129,7 +129,8 @@ class Batcher:
         self._admit(n)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        items = [_Item(chunk, loop.create_future(), deadline) for chunk in inputs.split(self.max_batch_size)]
+        chunks = inputs.split(self.max_batch_size) if n > self.max_batch_size else (inputs,)  # no torch call: see routes
+        items = [_Item(chunk, loop.create_future(), deadline) for chunk in chunks]
         self._queue.extend(items)
         self._set_depth(self._depth + n)
         self._arrived.set()

@@ -31,6 +31,7 @@ from service.settings import Settings
 
 log = logging.getLogger("vae_serve.runtime")
 IMAGE_THREADS = max(2, os.cpu_count() or 2)  # PNG encoding and upload decoding: zlib and Pillow release the GIL
+INLINE_PNG_BYTES = 64 * 1024  # uint8 pixels a lone request may encode on the event loop: a 96x96 RGB image is 27 KiB
 
 
 class UnknownModel(LookupError):
@@ -176,6 +177,8 @@ class Runtime:
         """One PNG per uint8 image (N, H, W, C), encoded in parallel: one hand-off per image thread, not per image."""
         loop = asyncio.get_running_loop()
         tiles = images.numpy()
+        if _alone(self.active, tiles):
+            return _png_each(tiles)
         chunks = np.array_split(tiles, min(len(tiles), IMAGE_THREADS))
         parts = await asyncio.gather(*(loop.run_in_executor(self.image_threads, _png_each, c) for c in chunks))
         return [png for part in parts for png in part]
@@ -187,7 +190,15 @@ class Runtime:
         def encode() -> bytes:
             return imaging.png_bytes(tiles[0] if len(tiles) == 1 else imaging.grid(tiles, columns))
 
+        if _alone(self.active, tiles):
+            return encode()
         return await asyncio.get_running_loop().run_in_executor(self.image_threads, encode)
+
+
+def _alone(active: int, tiles: np.ndarray) -> bool:
+    """Small images for the only request in progress are encoded on the event loop: nothing else needs the loop
+    meanwhile, and the two thread hand-offs this saves cost a lone request 0.1-0.2 ms."""
+    return active <= 1 and tiles.nbytes <= INLINE_PNG_BYTES
 
 
 def _png_each(tiles: np.ndarray) -> list[bytes]:

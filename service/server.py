@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
 import math
+import queue
 import signal
 
 import uvicorn
@@ -18,10 +21,21 @@ class _JsonFormatter(logging.Formatter):
         return log_format(record)
 
 
+class _Enqueue(logging.handlers.QueueHandler):
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record  # formatted by the writer thread, not on the event loop; the queue never leaves the process
+
+
 def configure_logging(level: str) -> None:
+    """JSON lines on stderr, formatted and written by a thread of their own: on the event loop, formatting and
+    writing every request's access line took ~4% of its time (py-spy, /sample at one connection)."""
     handler = logging.StreamHandler()
     handler.setFormatter(_JsonFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    writer = logging.handlers.QueueListener(records, handler)
+    writer.start()
+    atexit.register(writer.stop)  # writes what is queued before the process ends
+    logging.basicConfig(level=level.upper(), handlers=[_Enqueue(records)], force=True)
 
 
 def config(app: FastAPI, settings: Settings) -> uvicorn.Config:

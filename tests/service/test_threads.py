@@ -73,5 +73,19 @@ def test_the_server_shortens_openmp_spinning_unless_the_user_chose_a_value() -> 
 async def test_pngs_encoded_in_parallel_come_back_in_the_order_of_their_images(shape: tuple[int, ...]) -> None:
     images = torch.stack([torch.full(shape[1:], 40 * i, dtype=torch.uint8) for i in range(shape[0])])
     with ThreadPoolExecutor(2) as pool:
-        pngs = await Runtime.pngs(SimpleNamespace(image_threads=pool), images)  # type: ignore[arg-type]
+        runtime = SimpleNamespace(image_threads=pool, active=2)  # another request in progress: the threads encode
+        pngs = await Runtime.pngs(runtime, images)  # type: ignore[arg-type]
     assert [int(np.asarray(decode_png(p)).max()) for p in pngs] == [0, 40, 80, 120, 160]
+
+
+async def test_the_only_request_in_progress_encodes_its_small_images_without_the_image_threads() -> None:
+    images = torch.stack([torch.full((96, 96, 3), 40 * i, dtype=torch.uint8) for i in range(2)])
+    closed = ThreadPoolExecutor(1)
+    closed.shutdown()  # a hand-off to it raises RuntimeError
+    alone = SimpleNamespace(image_threads=closed, active=1)
+    pngs = await Runtime.pngs(alone, images)  # type: ignore[arg-type]
+    grid = await Runtime.grid_png(alone, images[:1], None)  # type: ignore[arg-type]
+    assert [int(np.asarray(decode_png(p)).max()) for p in pngs] == [0, 40]
+    assert grid == pngs[0]
+    with pytest.raises(RuntimeError, match="shutdown"):  # large images still go to the threads, even alone
+        await Runtime.pngs(alone, torch.zeros(2, 256, 256, 3, dtype=torch.uint8))  # type: ignore[arg-type]
