@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
@@ -173,9 +174,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal error; the server log has the details")
 
 
-def _api_key_dependency(settings: Settings) -> Any:
-    assert settings.api_key is not None
-    expected = settings.api_key.get_secret_value().encode()
+def _api_key_dependency(key: SecretStr) -> Any:
+    expected = key.get_secret_value().encode()
 
     async def require_api_key(request: Request) -> None:
         header = request.headers.get("authorization", "")
@@ -233,7 +233,7 @@ def create_app(settings: Settings | None = None, *, wait_for_models: bool = Fals
     app.state.settings = settings
     app.state.metrics = metrics
     # Without a key there is nothing to check: no dependency, rather than one that returns at once on every request.
-    auth = [Depends(_api_key_dependency(settings))] if settings.api_key else []
+    auth = [Depends(_api_key_dependency(settings.api_key))] if settings.api_key else []
     app.include_router(router, dependencies=auth, responses=ERROR_RESPONSES)
     app.include_router(probes)
     app.include_router(metrics_router, dependencies=auth if settings.metrics_require_key else [])

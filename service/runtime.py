@@ -1,7 +1,8 @@
 """What the routes call: the loaded models, their batchers and the threads that do the heavy work.
 
-The event loop never runs model code (one model thread) or PNG encoding and image decoding (a small
-pool of image threads; zlib and Pillow release the GIL while they (de)compress).
+The event loop never runs model code (one model thread) or image decoding, and PNG encoding only for the
+one request in progress (its small images: no hand-off); the rest goes to a small pool of image threads
+(zlib and Pillow release the GIL while they (de)compress).
 
 Every torch op that is large enough to run in parallel runs on the model thread, loading and warm-up
 included. With OpenMP each thread that starts a parallel op gets its own team of worker threads; once
