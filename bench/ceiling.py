@@ -2,8 +2,8 @@
 
 Each mode does, for one batch, exactly the work the service does for it, with the model loaded as the service
 loads it (`load_model`: its precision, and its CUDA graphs on a GPU):
-- `decode`: the decode batcher's `_call`: the model's decode, the finite check, `imaging.quantize` to uint8
-  pixels and the copy to the CPU;
+- `decode`: the decode batcher's call (`batcher.compute`): the model's decode, the output checks,
+  `imaging.quantize` to uint8 pixels and the copy to the CPU;
 - `decode+png`: the same, then one `imaging.png_bytes` per image, one after another;
 - `upload+encode`: `imaging.prepare_upload` for each uploaded PNG, then the model's encode (what /encode does).
 """
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bench.server import machine_busy_seconds
-from service import imaging
+from service import batcher, imaging
 from service.artifact import Artifact
 from service.repository import ServedModel, load_model
 from service.settings import Settings
@@ -98,11 +98,7 @@ class Workload:
         digit = artifact.manifest.get("upload_normalization") == "digit"
 
         def decode() -> np.ndarray:
-            with torch.inference_mode():
-                images = decoder(z)
-                if not torch.isfinite(images.sum(dtype=torch.float32)):
-                    raise RuntimeError("the model decoded non-finite values")
-                return imaging.quantize(images).cpu().numpy()
+            return batcher.compute(artifact.directory.name, decoder, imaging.quantize, z)[0].numpy()
 
         def decode_png() -> list[bytes]:
             return [imaging.png_bytes(tile) for tile in decode()]

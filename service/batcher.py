@@ -55,6 +55,23 @@ class InvalidOutput(RuntimeError):
     """The model's output is not one finite row per input: its batch fails rather than answer wrong values."""
 
 
+def compute(name: str, predict: Predict, finish: Finish, inputs: Tensor) -> tuple[Tensor, ...]:
+    """One model call as the service makes it (bench/ceiling.py times this too): predict, check that the output is
+    one finite row per input, finish, copy to the host."""
+    with torch.inference_mode():
+        out = predict(inputs)
+        outputs = out if isinstance(out, tuple) else (out,)
+        if any(o.shape[:1] != inputs.shape[:1] for o in outputs):  # splitting would hand out wrong rows
+            shapes = ", ".join(str(tuple(o.shape)) for o in outputs)
+            raise InvalidOutput(f"model {name!r} answered a batch of {len(inputs)} with {shapes}")
+        # NaN would be null in JSON and black in a PNG. A NaN or inf anywhere makes the sum non-finite, and a sum is
+        # 30x cheaper than isfinite(o).all() on a batch of images (in float32: a half-precision sum of a batch of
+        # images overflows).
+        if not all(bool(torch.isfinite(o.sum(dtype=torch.float32))) for o in outputs):
+            raise InvalidOutput(f"model {name!r} answered a batch of {len(inputs)} with non-finite values")
+        return tuple(finish(o).cpu() for o in outputs)
+
+
 @dataclass
 class _Item:
     inputs: Tensor  # (k, ...) with k <= max_batch_size
@@ -230,21 +247,9 @@ class Batcher:
         return self._call(torch.cat(parts) if len(parts) > 1 else parts[0])  # on the model thread: see runtime.py
 
     def _call(self, inputs: Tensor) -> tuple[Tensor, ...]:
-        """Runs on the model thread: predict, check, finish, copy to the host. On CUDA out-of-memory, halve the
-        batch and retry."""
+        """Runs on the model thread: `compute` the batch. On CUDA out-of-memory, halve the batch and retry."""
         try:
-            with torch.inference_mode():
-                out = self._predict(inputs)
-                outputs = out if isinstance(out, tuple) else (out,)
-                if any(o.shape[:1] != inputs.shape[:1] for o in outputs):  # splitting would hand out wrong rows
-                    shapes = ", ".join(str(tuple(o.shape)) for o in outputs)
-                    raise InvalidOutput(f"model {self.name!r} answered a batch of {len(inputs)} with {shapes}")
-                # NaN would be null in JSON and black in a PNG. A NaN or inf anywhere makes the sum non-finite, and
-                # a sum is 30x cheaper than isfinite(o).all() on a batch of images (in float32: a half-precision
-                # sum of a batch of images overflows).
-                if not all(bool(torch.isfinite(o.sum(dtype=torch.float32))) for o in outputs):
-                    raise InvalidOutput(f"model {self.name!r} answered a batch of {len(inputs)} with non-finite values")
-                return tuple(self._finish(o).cpu() for o in outputs)
+            return compute(self.name, self._predict, self._finish, inputs)
         except torch.OutOfMemoryError:
             if len(inputs) == 1:
                 raise

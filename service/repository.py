@@ -43,6 +43,10 @@ class ServedModel:
         assert self.artifact is not None
         return self.artifact.latent_dim
 
+    @property
+    def precision(self) -> str:
+        return str(self.dtype).removeprefix("torch.")  # "float32", as VAE_PRECISION spells it
+
     def predictor(self, op: str) -> Callable[[torch.Tensor], Any]:
         """What the batcher calls with a batch on the host ("encode" or "decode"): the op's CUDA graphs, or the
         module's method on the batch moved to the model's device and dtype."""
@@ -100,7 +104,7 @@ def load_model(
         return served
     if graph_sizes and device.type == "cuda":
         served.graphs = capture_graphs(served, device, graph_sizes)
-    log.info("model %s ready on %s in %s%s (%s)", served.name, device, str(dtype).removeprefix("torch."),
+    log.info("model %s ready on %s in %s%s (%s)", served.name, device, served.precision,
              " with CUDA graphs" if served.graphs else "", served.artifact.sha256[:12] if served.artifact else "")
     return served
 
@@ -130,7 +134,7 @@ def describe(model: ServedModel) -> dict[str, Any]:
     """What /models says of a model."""
     out: dict[str, Any] = {
         "name": model.name, "ready": model.ready, "device": model.device, "error": model.error,
-        "precision": str(model.dtype).removeprefix("torch."),
+        "precision": model.precision,
         "cuda_graphs": model.graphs["decode"].sizes if model.graphs else None,
     }
     if model.artifact is not None:

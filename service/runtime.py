@@ -75,7 +75,7 @@ class Runtime:
                 m = model.artifact.manifest
                 metrics.model_info.labels(model.name).info({
                     "version": str(m.get("version", "")), "sha256": model.artifact.sha256, "device": str(device),
-                    "precision": str(model.dtype).removeprefix("torch."), "cuda_graphs": str(bool(model.graphs)).lower(),
+                    "precision": model.precision, "cuda_graphs": str(bool(model.graphs)).lower(),
                 })
         return cls(
             settings=settings,
