@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bench.server import machine_busy_seconds
-from service import batcher, imaging
+from service import batcher, imaging, malloc
 from service.artifact import Artifact
 from service.repository import ServedModel, load_model
 from service.settings import Settings
@@ -86,6 +86,7 @@ class Workload:
     @classmethod
     def load(cls, artifact: Artifact, device: torch.device, dtype: torch.dtype = torch.float32,
              graph_sizes: tuple[int, ...] = ()) -> Workload:
+        malloc.reuse_freed_memory()  # as the service's Runtime.load does: the ceiling runs with the same allocator
         model = load_model(artifact.directory, device, dtype, graph_sizes)
         if not model.ready:
             raise RuntimeError(f"{artifact.directory} does not load: {model.error}")

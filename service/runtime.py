@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service import graphs, imaging
+from service import graphs, imaging, malloc
 from service.batcher import Batcher, NotServing, as_float32
 from service.metrics import Metrics
 from service.repository import ServedModel, describe, discover, load_model, pick_device, pick_dtype
@@ -61,6 +61,7 @@ class Runtime:
         """Load and warm up every model in the repository on the model thread (slow: call it off the event loop)."""
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+        malloc.reuse_freed_memory()
         device, dtype = pick_device(settings.device), pick_dtype(settings.precision)
         sizes = graphs.batch_sizes(settings.max_batch_size) if settings.cuda_graphs else ()
         model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
