@@ -7,7 +7,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
+from service.fastpath import JsonImageRoutes
 from service.metrics import Metrics
 from service.routes import metrics_router, probes, router
 from service.runtime import ModelUnavailable, Runtime, UnknownModel
@@ -174,13 +175,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal error; the server log has the details")
 
 
-def _api_key_dependency(key: SecretStr) -> Any:
+def api_key_check(key: SecretStr) -> Callable[[str], bool]:
+    """Whether an Authorization header carries `key` as a bearer token (compared in constant time)."""
     expected = key.get_secret_value().encode()
 
-    async def require_api_key(request: Request) -> None:
-        header = request.headers.get("authorization", "")
+    def matches(header: str) -> bool:
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected):
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), expected)
+
+    return matches
+
+
+def _api_key_dependency(key_matches: Callable[[str], bool]) -> Any:
+    async def require_api_key(request: Request) -> None:
+        if not key_matches(request.headers.get("authorization", "")):
             raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
 
     return require_api_key
@@ -233,11 +241,13 @@ def create_app(settings: Settings | None = None, *, wait_for_models: bool = Fals
     app.state.settings = settings
     app.state.metrics = metrics
     # Without a key there is nothing to check: no dependency, rather than one that returns at once on every request.
-    auth = [Depends(_api_key_dependency(settings.api_key))] if settings.api_key else []
+    key_matches = api_key_check(settings.api_key) if settings.api_key else None
+    auth = [Depends(_api_key_dependency(key_matches))] if key_matches else []
     app.include_router(router, dependencies=auth, responses=ERROR_RESPONSES)
     app.include_router(probes)
     app.include_router(metrics_router, dependencies=auth if settings.metrics_require_key else [])
     _install_error_handlers(app)
+    app.add_middleware(JsonImageRoutes, fastapi=app, key_matches=key_matches)  # inside the next one: it limits and logs
     app.add_middleware(LimitsAndAccessLog, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app
 

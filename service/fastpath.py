@@ -1,0 +1,106 @@
+"""The JSON image routes (POST /sample, /decode, /interpolate) without FastAPI's per-request layers.
+
+For these routes FastAPI's routing, dependency solving, body parsing and its own middleware cost more event-loop time
+than the route itself, and the event loop shares the cores with the decode. Taking those layers off its path, measured
+on 2 cores with alternating servers (medians of 3 runs): faces `n=1` at 64 connections 513 -> 592 images/s, a lone
+mnist request 0.80 -> 0.72 ms.
+
+This middleware calls the same route functions, with the same validation and the app's own exception handlers. A
+request it does not take as it is, it hands to FastAPI unchanged, with the body it has read: a body that is not
+valid (FastAPI answers it 422 as always), no `application/json` content type, a wrong API key, models still
+loading. So every answer a client can get is FastAPI's, only faster for the common one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import routes
+from service.runtime import Runtime
+from service.schemas import DecodeRequest, InterpolateRequest, SampleRequest
+
+Route = Callable[[Any, Request, Runtime], Awaitable[Response]]
+ROUTES: dict[str, tuple[type[BaseModel], Route]] = {
+    "/sample": (SampleRequest, routes.sample),
+    "/decode": (DecodeRequest, routes.decode),
+    "/interpolate": (InterpolateRequest, routes.interpolate),
+}
+
+
+class JsonImageRoutes:
+    """Pure ASGI middleware; inside the app's LimitsAndAccessLog, which limits the body, counts and logs."""
+
+    def __init__(self, app: ASGIApp, fastapi: FastAPI, key_matches: Callable[[str], bool] | None) -> None:
+        self.app, self.fastapi, self.key_matches = app, fastapi, key_matches
+        # What FastAPI's router would put in the scope: the access log and metrics label requests by route.
+        self.routes = {path: route for route in routes.router.routes if (path := getattr(route, "path", None)) in ROUTES}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path")
+        runtime: Runtime | None = getattr(self.fastapi.state, "runtime", None)
+        if scope["type"] != "http" or scope["method"] != "POST" or path not in ROUTES or runtime is None:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if not headers.get(b"content-type", b"").startswith(b"application/json") or (
+            self.key_matches is not None and not self.key_matches(headers.get(b"authorization", b"").decode("latin-1"))
+        ):
+            await self.app(scope, receive, send)
+            return
+        body = await _read_body(receive)
+        if body is None:  # the client went away
+            return
+        schema, route = ROUTES[path]
+        try:
+            parsed = schema.model_validate_json(body)
+        except ValidationError:
+            await self.app(scope, _replay(body, receive), send)  # FastAPI's 422, worded as for every other route
+            return
+        scope["route"] = self.routes[path]
+        request = Request(scope, receive)
+        try:
+            response = await route(parsed, request, runtime)
+        except Exception as exc:
+            response = await self._handle(request, exc)
+        await response(scope, receive, send)
+
+    async def _handle(self, request: Request, exc: Exception) -> Response:
+        """The answer the app's exception handlers give (HTTPException, UnknownModel, QueueFull, ... and Exception)."""
+        for cls in type(exc).__mro__:
+            handler = self.fastapi.exception_handlers.get(cls)
+            if handler is not None:
+                response = handler(request, exc)
+                return await response if inspect.isawaitable(response) else response
+        raise exc
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` for the app behind: the body read here, then whatever comes next (a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay

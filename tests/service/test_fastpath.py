@@ -1,0 +1,98 @@
+"""POST /sample, /decode and /interpolate with a JSON body take a lean path past FastAPI's layers (service/fastpath.py).
+Every answer on it is the one FastAPI gives; whatever it does not take as it is goes to FastAPI unchanged."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from service import fastpath
+from service.schemas import SampleRequest
+from service.settings import Settings
+from tests.conftest import serve
+
+JSON = {"content-type": "application/json"}
+VIA_FASTAPI = {"content-type": "application/vnd.test+json"}  # FastAPI reads it as JSON; the lean path leaves it
+
+CASES: list[tuple[str, dict[str, Any], dict[str, str]]] = [
+    ("/sample", {"model": "mnist", "n": 3, "seed": 7}, {}),
+    ("/sample", {"model": "mnist", "n": 2, "seed": 7, "temperature": 0.5}, {"accept": "application/json"}),
+    ("/sample", {"model": "mnist", "n": 100_000}, {}),  # over the server's limit: the route's 422
+    ("/sample", {"model": "no-such-model"}, {}),  # 404 from the app's exception handler
+    ("/sample", {"model": "mnist", "n": 0}, {}),  # invalid: the validation error
+    ("/decode", {"model": "mnist", "z": [[0.5, -0.5], [0, 1]]}, {}),
+    ("/decode", {"model": "mnist", "z": [[0, 0, 0]]}, {}),  # wrong latent size
+    ("/interpolate", {"model": "mnist", "start": {"z": [0, 0]}, "end": {"z": [1, 1]}, "steps": 3}, {}),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "headers"), CASES)
+async def test_the_lean_path_answers_exactly_as_fastapi_does(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], headers: dict[str, str]
+) -> None:
+    lean = await client.post(path, content=json.dumps(body), headers=JSON | headers)
+    full = await client.post(path, content=json.dumps(body), headers=VIA_FASTAPI | headers)
+    assert (lean.status_code, lean.headers["content-type"], lean.content) == (
+        full.status_code, full.headers["content-type"], full.content
+    )
+
+
+@pytest.fixture
+def lean_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Models of the /sample requests the lean path answered."""
+    calls: list[str] = []
+    route = fastpath.ROUTES["/sample"][1]
+
+    async def spy(body: SampleRequest, *args: Any) -> Any:
+        calls.append(body.model)
+        return await route(body, *args)
+
+    monkeypatch.setitem(fastpath.ROUTES, "/sample", (SampleRequest, spy))
+    return calls
+
+
+async def test_valid_json_requests_take_the_lean_path_and_the_rest_goes_to_fastapi(
+    client: httpx.AsyncClient, lean_calls: list[str]
+) -> None:
+    assert (await client.post("/sample", json={"model": "mnist"})).status_code == 200
+    assert (await client.post("/sample", content='{"model": "mnist"}', headers=VIA_FASTAPI)).status_code == 200
+    assert (await client.post("/sample", json={"model": "mnist", "n": "many"})).status_code == 422
+    assert (await client.post("/sample", content=b'{"model": "mnist"', headers=JSON)).status_code == 422
+    assert lean_calls == ["mnist"]
+
+
+async def test_with_an_api_key_only_requests_that_carry_it_take_the_lean_path(
+    settings: Settings, lean_calls: list[str]
+) -> None:
+    async with serve(settings.model_copy(update={"api_key": SecretStr("k")})) as client:
+        assert (await client.post("/sample", json={"model": "mnist"})).status_code == 401
+        assert (await client.post("/sample", json={"model": "mnist"}, headers={"authorization": "Bearer x"})).status_code == 401
+        assert (await client.post("/sample", json={"model": "mnist"}, headers={"authorization": "Bearer k"})).status_code == 200
+    assert lean_calls == ["mnist"]
+
+
+async def test_a_client_that_leaves_before_its_body_arrived_gets_no_answer_and_breaks_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    app = client.app  # type: ignore[attr-defined]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/sample", "raw_path": b"/sample", "query_string": b"", "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"20")],
+        "client": ("127.0.0.1", 1), "server": ("test", 80),
+    }
+    await app(scope, receive, send)
+    assert sent == []
+    assert (await client.post("/sample", json={"model": "mnist"})).status_code == 200
