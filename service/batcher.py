@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -77,6 +77,7 @@ class _Item:
     inputs: Tensor  # (k, ...) with k <= max_batch_size
     future: asyncio.Future[tuple[Tensor, ...]]
     deadline: float  # loop.time()
+    request: int  # which submission it is part of: parts of one request never share a batch
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -106,6 +107,7 @@ class Batcher:
         self._busy = False  # a batch is being computed
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._submissions = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}-{self.op}")
@@ -142,28 +144,39 @@ class Batcher:
 
     async def submit(self, inputs: Tensor, timeout_s: float) -> tuple[Tensor, ...]:
         """Queue `inputs` (split into batch-sized items) and wait for all their outputs."""
-        n = len(inputs)
-        self._admit(n)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        chunks = inputs.split(self.max_batch_size) if n > self.max_batch_size else (inputs,)  # no torch call: see routes
-        items = [_Item(chunk, loop.create_future(), deadline) for chunk in chunks]
-        self._queue.extend(items)
-        self._set_depth(self._depth + n)
-        self._arrived.set()
-        try:
-            async with asyncio.timeout(timeout_s):
-                parts = await asyncio.gather(*(item.future for item in items))
-        except TimeoutError:
-            raise DeadlineExceeded(f"no answer from model {self.name!r} within {timeout_s:g}s") from None
-        finally:
-            for item in items:
-                if not item.future.done():
-                    item.future.cancel()  # the collector skips it
+        parts = [part async for part in self.parts(inputs, timeout_s, self.max_batch_size)]
         if len(parts) == 1:
             return parts[0]
         # numpy, not torch.cat: a large torch op here would start a second OpenMP team (see runtime.py)
         return tuple(torch.from_numpy(np.concatenate([c.numpy() for c in columns])) for columns in zip(*parts, strict=True))
+
+    async def parts(self, inputs: Tensor, timeout_s: float, part_size: int) -> AsyncGenerator[tuple[Tensor, ...], None]:
+        """Queue `inputs` in parts of up to `part_size` rows, each computed in a batch of its own (other requests may
+        join it), and yield their outputs in order as they come: the caller can work on one part while the next is
+        computed. Close it early with `contextlib.aclosing`: parts not yet computed are then dropped."""
+        n = len(inputs)
+        self._admit(n)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        part_size = min(part_size, self.max_batch_size)
+        chunks = inputs.split(part_size) if n > part_size else (inputs,)  # no torch call: see routes
+        self._submissions += 1
+        items = [_Item(chunk, loop.create_future(), deadline, self._submissions) for chunk in chunks]
+        self._queue.extend(items)
+        self._set_depth(self._depth + n)
+        self._arrived.set()
+        try:
+            for item in items:
+                try:
+                    async with asyncio.timeout_at(deadline):  # around the wait only, never around a yield
+                        outputs = await item.future
+                except TimeoutError:
+                    raise DeadlineExceeded(f"no answer from model {self.name!r} within {timeout_s:g}s") from None
+                yield outputs
+        finally:
+            for item in items:
+                if not item.future.done():
+                    item.future.cancel()  # the collector skips it
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
@@ -192,8 +205,8 @@ class Batcher:
                 remaining = give_up - asyncio.get_running_loop().time()
                 if not company or remaining <= 0 or not await self._wait_for_items(remaining):
                     break
-            if size + len(self._queue[0].inputs) > self.max_batch_size:
-                break  # the next item would not fit: it heads the next batch
+            if size + len(self._queue[0].inputs) > self.max_batch_size or self._queue[0].request == batch[-1].request:
+                break  # the next item would not fit, or is the next part of a request in this batch: it heads the next
             batch.append(self._queue.popleft())
             size += len(batch[-1].inputs)
         self._set_depth(self._depth - size)

@@ -62,17 +62,18 @@ def unprocessable(message: str) -> HTTPException:
 
 
 async def images_response(
-    request: Request, runtime: Runtime, model: str, z: torch.Tensor, images: torch.Tensor,
-    *, columns: int | None = None, seed: int | None = None,
+    request: Request, runtime: Runtime, model: str, z: torch.Tensor, *, columns: int | None = None, seed: int | None = None,
 ) -> Response:
+    """Decode `z` and answer: one PNG (a grid for several images), or JSON with a PNG per image."""
     headers = {"X-Seed": str(seed)} if seed is not None else {}
     if wants_json(request):
-        pngs = await runtime.pngs(images)
+        pngs = await runtime.decode_pngs(model, z)
         body = ImagesResponse(
             model=model, seed=seed, latents=z.tolist(), images=[base64.b64encode(p).decode() for p in pngs]
         )
         # pydantic's own serializer: half the time of json.dumps for 64 images and their 8192 latent numbers
         return Response(body.model_dump_json(), media_type="application/json", headers=headers)
+    images = await runtime.decode(model, z)
     return Response(await runtime.grid_png(images, columns), media_type=PNG, headers=headers)
 
 
@@ -108,8 +109,7 @@ async def sample(body: SampleRequest, request: Request, runtime: RuntimeDep) -> 
     if body.temperature != 1.0:  # one torch call fewer on the loop: each lets go of the GIL, and under load
         # taking it back waits on the other threads (py-spy, mnist at 64 connections: 14% of the loop on this line)
         z *= body.temperature
-    images = await runtime.decode(body.model, z)
-    return await images_response(request, runtime, body.model, z, images, columns=body.columns, seed=seed)
+    return await images_response(request, runtime, body.model, z, columns=body.columns, seed=seed)
 
 
 @router.post("/decode", responses=_IMAGE_RESPONSES, response_class=Response, tags=["generate"])
@@ -119,8 +119,7 @@ async def decode(body: DecodeRequest, request: Request, runtime: RuntimeDep) -> 
     if len(body.z) > runtime.settings.max_samples:
         raise unprocessable(f"z has {len(body.z)} rows; this server decodes at most {runtime.settings.max_samples}")
     z = check_latents(runtime, body.model, body.z)
-    images = await runtime.decode(body.model, z)
-    return await images_response(request, runtime, body.model, z, images, columns=body.columns)
+    return await images_response(request, runtime, body.model, z, columns=body.columns)
 
 
 _ENCODE_BODY = {
@@ -219,8 +218,7 @@ async def interpolate(body: InterpolateRequest, request: Request, runtime: Runti
     t = torch.linspace(0, 1, body.steps)[:, None]
     a, b = ends
     z = slerp(a, b, t) if body.method == "slerp" else (1 - t) * a + t * b
-    images = await runtime.decode(body.model, z)
-    return await images_response(request, runtime, body.model, z, images, columns=body.steps)
+    return await images_response(request, runtime, body.model, z, columns=body.steps)
 
 
 @router.get("/models", response_model=ModelList, tags=["models"])

@@ -13,6 +13,7 @@ and every op then pays to wake them: a batch-1 faces decode measured 3.3 ms with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -145,6 +146,24 @@ class Runtime:
         (images,) = await self.decoders[name].submit(z, self.settings.request_timeout_s)
         self.metrics.images.labels(name).inc(len(images))
         return images
+
+    async def decode_pngs(self, name: str, z: Tensor) -> list[bytes]:
+        """Latents (N, latent_dim) -> one PNG per image. More than half a batch is decoded in two or more parts, and
+        the image threads encode one part's PNGs while the model decodes the next. `faces` n=64 as JSON on 2 cores
+        (alternating servers, three series): +2-7% images/s with 2 torch threads, +8-16% with 1; parts of 16 were
+        slower than 32."""
+        decoder = self.decoders[name]
+        part_size = max(1, decoder.max_batch_size // 2)
+        encoding: list[asyncio.Task[list[bytes]]] = []
+        try:
+            async with contextlib.aclosing(decoder.parts(z, self.settings.request_timeout_s, part_size)) as parts:
+                async for (images,) in parts:
+                    self.metrics.images.labels(name).inc(len(images))
+                    encoding.append(asyncio.ensure_future(self.pngs(images)))
+            return [png for part in await asyncio.gather(*encoding) for png in part]
+        finally:
+            for task in encoding:
+                task.cancel()  # a part failed or timed out: the answer is an error, the PNGs are not needed
 
     async def encode(self, name: str, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, log_var = await self.encoders[name].submit(x, self.settings.request_timeout_s)

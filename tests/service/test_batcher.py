@@ -69,6 +69,52 @@ async def test_large_requests_are_split_so_no_batch_exceeds_the_limit() -> None:
     await b.stop()
 
 
+async def test_a_request_in_parts_gets_each_part_from_a_batch_of_its_own_in_order() -> None:
+    rec = Recorder()
+    rec.release.clear()  # everything is queued before the first batch runs: the parts still do not merge
+    b = make(rec)
+    parts = b.parts(torch.arange(10.0)[:, None], timeout_s=5, part_size=4)
+    first = asyncio.ensure_future(anext(parts))
+    await asyncio.sleep(0.01)
+    rec.release.set()
+    outs = [await first] + [part async for part in parts]
+    assert [o.squeeze(1).tolist() for (o,) in outs] == [[0.0, 2.0, 4.0, 6.0], [8.0, 10.0, 12.0, 14.0], [16.0, 18.0]]
+    assert rec.sizes == [4, 4, 2]
+    await b.stop()
+
+
+async def test_other_requests_join_the_batch_of_a_part() -> None:
+    rec = Recorder()
+    rec.release.clear()
+    b = make(rec)
+    busy = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=5))  # holds the model thread
+    await asyncio.sleep(0.01)
+    parts = b.parts(torch.ones(6, 1), timeout_s=5, part_size=3)
+    first = asyncio.ensure_future(anext(parts))
+    await asyncio.sleep(0)
+    other = asyncio.create_task(b.submit(torch.ones(2, 1), timeout_s=5))
+    await asyncio.sleep(0.01)
+    rec.release.set()
+    await asyncio.gather(busy, first, other)
+    assert [len(o) for (o,) in [part async for part in parts]] == [3]
+    assert rec.sizes == [1, 3, 5]  # the first part alone (the second may not join it), then the second with the other
+    await b.stop()
+
+
+async def test_parts_left_unread_are_dropped_and_a_late_part_is_a_deadline_error() -> None:
+    rec = Recorder(delay_s=0.05)
+    b = make(rec)
+    parts = b.parts(torch.ones(16, 1), timeout_s=5, part_size=4)
+    await anext(parts)
+    await parts.aclose()  # the caller gave up after the first part
+    await asyncio.sleep(0.2)
+    assert sum(rec.sizes) < 16
+    with pytest.raises(DeadlineExceeded):
+        async for _ in b.parts(torch.ones(16, 1), timeout_s=0.08, part_size=4):
+            pass
+    await b.stop()
+
+
 async def test_a_full_queue_rejects_at_once() -> None:
     rec = Recorder()
     rec.release.clear()

@@ -43,14 +43,15 @@ def test_models_load_and_warm_up_on_the_model_thread_that_later_runs_them(
 
 
 async def test_a_request_larger_than_a_batch_is_reassembled_in_order(client: httpx.AsyncClient, settings: Settings) -> None:
-    """Its batches' outputs are joined off the model thread without torch (a large torch op there would start a
-    second OpenMP team); the rows must still come back in order."""
+    """A JSON answer is decoded in parts of half a batch, each part's PNGs encoded while the next decodes; the
+    images must still come back in the order of their latents, across the parts' seams too."""
     n = settings.max_batch_size + 3
     whole = await client.post("/sample", json={"model": "mnist", "n": n, "seed": 5}, headers={"Accept": "application/json"})
     assert whole.status_code == 200
     images = whole.json()["images"]
     assert len(images) == n and len(set(images)) > 1
-    for i in (0, n - 1):  # the same latent decoded alone gives the same image
+    half = settings.max_batch_size // 2
+    for i in (0, half - 1, half, n - 1):  # the same latent decoded alone gives the same image
         z = whole.json()["latents"][i]
         alone = await client.post("/decode", json={"model": "mnist", "z": [z]}, headers={"Accept": "application/json"})
         pixels = [np.asarray(decode_png(base64.b64decode(p)), dtype=int) for p in (alone.json()["images"][0], images[i])]
