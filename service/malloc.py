@@ -1,11 +1,11 @@
 """glibc malloc settings for a process that allocates the same large tensors batch after batch.
 
-A batch's activations are large blocks (several MiB each for a faces decode of 64 images), freed layer by layer. By default glibc
-gives such memory back to the kernel as soon as it is freed (blocks over its mmap threshold, and the free top of a
-heap beyond its trim threshold), so the next batch page-faults it in and the kernel zeroes it again. Measured on
-2 cores with faces (alternating servers, 3 runs each): a batch of 64 computes in 61 ms instead of 74, `n=64` requests
-give 804 images/s instead of 698, 64 connections of `n=1` 563 instead of 542, a lone request is unchanged; peak
-resident memory is 20-80 MiB higher.
+A batch's activations are large blocks (several MiB each for a faces decode of 64 images), freed layer by layer.
+By default glibc gives such memory back to the kernel as soon as it is freed (blocks over its mmap threshold, and
+the free top of a heap beyond its trim threshold), so the next batch page-faults it in and the kernel zeroes it
+again. Measured on 2 cores with faces (alternating servers, 3 runs each): a batch of 64 computes in 61 ms instead of
+74, `n=64` requests give 804 images/s instead of 698, 64 connections of `n=1` 563 instead of 542, a lone request is
+unchanged; peak resident memory is 20-80 MiB higher.
 """
 
 from __future__ import annotations

@@ -148,12 +148,14 @@ class Runtime:
         return images
 
     async def decode_pngs(self, name: str, z: Tensor) -> list[bytes]:
-        """Latents (N, latent_dim) -> one PNG per image. More than half a batch is decoded in two or more parts, and
-        the image threads encode one part's PNGs while the model decodes the next. `faces` n=64 as JSON on 2 cores
-        (alternating servers, three series): +2-7% images/s with 2 torch threads, +8-16% with 1; parts of 16 were
-        slower than 32."""
+        """Latents (N, latent_dim) -> one PNG per image. For the only request in progress, more than half a batch is
+        decoded in parts of half a batch, and the image threads encode one part's PNGs while the model decodes the
+        next. n=64 as JSON at one connection on 2 cores (alternating servers, several series): `faces` +8-16%
+        images/s with 1 torch thread, with 2 within the noise (-5% to +7%); `mnist` +26%. Under concurrency other
+        requests already fill the cores, and parts only make smaller batches: `faces` n=64 at 2 connections lost 12%,
+        so there a request goes in whole batches. Parts of 16 were slower than 32."""
         decoder = self.decoders[name]
-        part_size = max(1, decoder.max_batch_size // 2)
+        part_size = max(1, decoder.max_batch_size // 2) if self.active <= 1 else decoder.max_batch_size
         encoding: list[asyncio.Task[list[bytes]]] = []
         try:
             async with contextlib.aclosing(decoder.parts(z, self.settings.request_timeout_s, part_size)) as parts:

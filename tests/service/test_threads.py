@@ -90,3 +90,29 @@ async def test_the_only_request_in_progress_encodes_its_small_images_without_the
     assert grid == pngs[0]
     with pytest.raises(RuntimeError, match="shutdown"):  # large images still go to the threads, even alone
         await Runtime.pngs(alone, torch.zeros(2, 256, 256, 3, dtype=torch.uint8))  # type: ignore[arg-type]
+
+
+async def test_only_the_request_alone_has_its_json_answer_decoded_in_parts(
+    client: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alone, a part's PNGs are encoded while the next part decodes; with others in progress their work fills the
+    cores, and whole batches are faster."""
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    decoder = runtime.decoders["mnist"]
+    part_sizes: list[int] = []
+    parts = decoder.parts
+
+    def spy(inputs: torch.Tensor, timeout_s: float, part_size: int) -> object:
+        part_sizes.append(part_size)
+        return parts(inputs, timeout_s, part_size)
+
+    monkeypatch.setattr(decoder, "parts", spy)
+    body = {"model": "mnist", "n": settings.max_batch_size}
+    json_answer = {"Accept": "application/json"}
+    assert (await client.post("/sample", json=body, headers=json_answer)).status_code == 200
+    runtime.active += 1  # another request in progress
+    try:
+        assert (await client.post("/sample", json=body, headers=json_answer)).status_code == 200
+    finally:
+        runtime.active -= 1
+    assert part_sizes == [settings.max_batch_size // 2, settings.max_batch_size]
