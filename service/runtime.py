@@ -32,6 +32,7 @@ from service.repository import ServedModel, describe, discover, load_model, pick
 from service.settings import Settings
 
 log = logging.getLogger("vae_serve.runtime")
+USABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 IMAGE_THREADS = max(2, os.cpu_count() or 2)  # PNG encoding and upload decoding: zlib and Pillow release the GIL
 INLINE_PNG_BYTES = 64 * 1024  # uint8 pixels a lone request may encode on the event loop: a 96x96 RGB image is 27 KiB
 
@@ -148,14 +149,16 @@ class Runtime:
         return images
 
     async def decode_pngs(self, name: str, z: Tensor) -> list[bytes]:
-        """Latents (N, latent_dim) -> one PNG per image. For the only request in progress, more than half a batch is
-        decoded in parts of half a batch, and the image threads encode one part's PNGs while the model decodes the
-        next. n=64 as JSON at one connection on 2 cores (alternating servers, several series): `faces` +8-16%
-        images/s with 1 torch thread, with 2 within the noise (-5% to +7%); `mnist` +26%. Under concurrency other
-        requests already fill the cores, and parts only make smaller batches: `faces` n=64 at 2 connections lost 12%,
-        so there a request goes in whole batches. Parts of 16 were slower than 32."""
+        """Latents (N, latent_dim) -> one PNG per image. When it is the only request in progress and the decode
+        leaves a core free (on the CPU, fewer torch threads than cores), more than half a batch is decoded in parts
+        of half a batch, and the image threads encode one part's PNGs while the model decodes the next. Measured on
+        2 cores, n=64 as JSON at one connection (alternating servers): `faces` +8-16% images/s with 1 torch thread;
+        with 2 threads the decode already fills both cores and parts were no faster (five series -5% to +7%; three
+        bench runs 4-6% below the run before), and at 2 connections they only made smaller batches (-12%).
+        Parts of 16 were slower than 32."""
         decoder = self.decoders[name]
-        part_size = max(1, decoder.max_batch_size // 2) if self.active <= 1 else decoder.max_batch_size
+        in_parts = self.active <= 1 and self.device.type == "cpu" and torch.get_num_threads() < USABLE_CPUS
+        part_size = max(1, decoder.max_batch_size // 2) if in_parts else decoder.max_batch_size
         encoding: list[asyncio.Task[list[bytes]]] = []
         try:
             async with contextlib.aclosing(decoder.parts(z, self.settings.request_timeout_s, part_size)) as parts:

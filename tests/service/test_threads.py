@@ -42,9 +42,13 @@ def test_models_load_and_warm_up_on_the_model_thread_that_later_runs_them(
         rt.image_threads.shutdown()
 
 
-async def test_a_request_larger_than_a_batch_is_reassembled_in_order(client: httpx.AsyncClient, settings: Settings) -> None:
-    """A JSON answer is decoded in parts of half a batch, each part's PNGs encoded while the next decodes; the
-    images must still come back in the order of their latents, across the parts' seams too."""
+async def test_a_request_larger_than_a_batch_is_reassembled_in_order(
+    client: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JSON answer alone is decoded in parts of half a batch where a core is left for the PNGs (made so here), each
+    part's PNGs encoded while the next decodes; the images must come back in the order of their latents, across the
+    parts' seams too."""
+    monkeypatch.setattr(runtime, "USABLE_CPUS", torch.get_num_threads() + 1)
     n = settings.max_batch_size + 3
     whole = await client.post("/sample", json={"model": "mnist", "n": n, "seed": 5}, headers={"Accept": "application/json"})
     assert whole.status_code == 200
@@ -92,13 +96,13 @@ async def test_the_only_request_in_progress_encodes_its_small_images_without_the
         await Runtime.pngs(alone, torch.zeros(2, 256, 256, 3, dtype=torch.uint8))  # type: ignore[arg-type]
 
 
-async def test_only_the_request_alone_has_its_json_answer_decoded_in_parts(
+async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left_for_the_pngs(
     client: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Alone, a part's PNGs are encoded while the next part decodes; with others in progress their work fills the
-    cores, and whole batches are faster."""
-    runtime = client.app.state.runtime  # type: ignore[attr-defined]
-    decoder = runtime.decoders["mnist"]
+    """Then a part's PNGs are encoded while the next part decodes. With other requests in progress, or a decode that
+    uses every core, there is no idle core to fill, and whole batches are faster."""
+    server = client.app.state.runtime  # type: ignore[attr-defined]
+    decoder = server.decoders["mnist"]
     part_sizes: list[int] = []
     parts = decoder.parts
 
@@ -106,13 +110,18 @@ async def test_only_the_request_alone_has_its_json_answer_decoded_in_parts(
         part_sizes.append(part_size)
         return parts(inputs, timeout_s, part_size)
 
+    async def json_answer() -> None:
+        body = {"model": "mnist", "n": settings.max_batch_size}
+        assert (await client.post("/sample", json=body, headers={"Accept": "application/json"})).status_code == 200
+
     monkeypatch.setattr(decoder, "parts", spy)
-    body = {"model": "mnist", "n": settings.max_batch_size}
-    json_answer = {"Accept": "application/json"}
-    assert (await client.post("/sample", json=body, headers=json_answer)).status_code == 200
-    runtime.active += 1  # another request in progress
+    monkeypatch.setattr(runtime, "USABLE_CPUS", torch.get_num_threads() + 1)
+    await json_answer()
+    server.active += 1  # another request in progress
     try:
-        assert (await client.post("/sample", json=body, headers=json_answer)).status_code == 200
+        await json_answer()
     finally:
-        runtime.active -= 1
-    assert part_sizes == [settings.max_batch_size // 2, settings.max_batch_size]
+        server.active -= 1
+    monkeypatch.setattr(runtime, "USABLE_CPUS", torch.get_num_threads())  # the decode's threads fill every core
+    await json_answer()
+    assert part_sizes == [settings.max_batch_size // 2, settings.max_batch_size, settings.max_batch_size]
