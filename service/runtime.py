@@ -57,6 +57,7 @@ class Runtime:
     image_threads: ThreadPoolExecutor
     draining: bool = False
     active: int = 0  # requests in progress, counted by the app's middleware: a drain waits for them
+    spare_core: bool = False  # on the CPU with fewer torch threads than cores: a decode leaves a core to the PNG threads
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -89,6 +90,7 @@ class Runtime:
             decoders={},
             model_thread=model_thread,
             image_threads=ThreadPoolExecutor(max_workers=IMAGE_THREADS, thread_name_prefix="image"),
+            spare_core=device.type == "cpu" and torch.get_num_threads() < USABLE_CPUS,
         )
 
     def start(self) -> None:
@@ -157,7 +159,7 @@ class Runtime:
         bench runs 4-6% below the run before), and at 2 connections they only made smaller batches (-12%).
         Parts of 16 were slower than 32."""
         decoder = self.decoders[name]
-        in_parts = self.active <= 1 and self.device.type == "cpu" and torch.get_num_threads() < USABLE_CPUS
+        in_parts = self.spare_core and self.active <= 1
         part_size = max(1, decoder.max_batch_size // 2) if in_parts else decoder.max_batch_size
         encoding: list[asyncio.Task[list[bytes]]] = []
         try:

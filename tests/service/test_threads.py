@@ -48,7 +48,7 @@ async def test_a_request_larger_than_a_batch_is_reassembled_in_order(
     """A JSON answer alone is decoded in parts of half a batch where a core is left for the PNGs (made so here), each
     part's PNGs encoded while the next decodes; the images must come back in the order of their latents, across the
     parts' seams too."""
-    monkeypatch.setattr(runtime, "USABLE_CPUS", torch.get_num_threads() + 1)
+    monkeypatch.setattr(client.app.state.runtime, "spare_core", True)  # type: ignore[attr-defined]
     n = settings.max_batch_size + 3
     whole = await client.post("/sample", json={"model": "mnist", "n": n, "seed": 5}, headers={"Accept": "application/json"})
     assert whole.status_code == 200
@@ -114,14 +114,15 @@ async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left
         body = {"model": "mnist", "n": settings.max_batch_size}
         assert (await client.post("/sample", json=body, headers={"Accept": "application/json"})).status_code == 200
 
+    assert server.spare_core == (torch.get_num_threads() < runtime.USABLE_CPUS)  # on the CPU, as the tests run
     monkeypatch.setattr(decoder, "parts", spy)
-    monkeypatch.setattr(runtime, "USABLE_CPUS", torch.get_num_threads() + 1)
+    monkeypatch.setattr(server, "spare_core", True)
     await json_answer()
     server.active += 1  # another request in progress
     try:
         await json_answer()
     finally:
         server.active -= 1
-    monkeypatch.setattr(runtime, "USABLE_CPUS", torch.get_num_threads())  # the decode's threads fill every core
+    monkeypatch.setattr(server, "spare_core", False)  # the decode's threads fill every core
     await json_answer()
     assert part_sizes == [settings.max_batch_size // 2, settings.max_batch_size, settings.max_batch_size]
