@@ -1,9 +1,10 @@
 """Per-model batching: collect -> predict -> split.
 
-One asyncio task per (model, operation) collects queued items into a batch, runs it as one call on
-the single model thread, and splits the result back to the waiting requests. A lone request runs at
-once; only when other requests are already queued does a batch wait (up to max_wait) for company.
-Every admitted item gets an answer: a result, or an exception if its batch failed or it expired.
+One asyncio task per (model, operation) collects queued items into a batch once a thread is free for it
+(`lanes.Lanes`: the model thread, or under load on a CPU one of several single-thread lanes), runs it there
+as one call, and splits the result back to the waiting requests. A lone request runs at once; only when
+other requests are already queued does a batch wait (up to max_wait) for company. Every admitted item gets
+an answer: a result, or an exception if its batch failed or it expired.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from service.lanes import Lanes
 from service.metrics import Metrics
 
 log = logging.getLogger("vae_serve.batcher")
@@ -89,7 +91,7 @@ class Batcher:
         name: str,
         op: str,
         predict: Predict,
-        model_thread: ThreadPoolExecutor,
+        lanes: Lanes,
         metrics: Metrics,
         *,
         max_batch_size: int,
@@ -98,13 +100,13 @@ class Batcher:
         finish: Finish = as_float32,
     ) -> None:
         self.name, self.op, self._predict, self._finish = name, op, predict, finish
-        self._thread, self._metrics = model_thread, metrics
+        self._lanes, self._metrics = lanes, metrics
         self.max_batch_size, self.max_wait_s, self.queue_size = max_batch_size, max_wait_s, queue_size
         self._queue: deque[_Item] = deque()
         self._arrived = asyncio.Event()
         self._depth = 0  # images queued, not yet taken into a batch
         self._reserved = 0  # images promised room by `reserve`, not yet submitted
-        self._busy = False  # a batch is being computed
+        self._computing: set[asyncio.Task[None]] = set()  # batches being computed, one per thread at most
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._submissions = 0
@@ -215,7 +217,13 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
+            await self._wait_for_items(None)
+            thread = await self._lanes.take(alone=lambda: len(self._queue) == 1)
+            try:
+                batch = await self._collect()
+            except BaseException:
+                self._lanes.give_back(thread)
+                raise
             now = loop.time()
             live = []
             for item in batch:
@@ -226,41 +234,49 @@ class Batcher:
                     continue
                 live.append(item)
             if not live:
+                self._lanes.give_back(thread)
                 continue
-            started = time.perf_counter()
+            task = loop.create_task(self._compute(thread, live))
+            self._computing.add(task)
+            task.add_done_callback(self._computing.discard)
+
+    async def _compute(self, thread: ThreadPoolExecutor, live: list[_Item]) -> None:
+        """Compute one batch on `thread`, then answer its items."""
+        started = time.perf_counter()
+        for item in live:
+            self._metrics.queue_seconds.labels(self.name).observe(started - item.enqueued)
+        size = sum(len(item.inputs) for item in live)
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                thread, self._call_batch, [item.inputs for item in live]
+            )
+        except asyncio.CancelledError:  # stopped mid-batch (a drain past its timeout): answer, then go
             for item in live:
-                self._metrics.queue_seconds.labels(self.name).observe(started - item.enqueued)
-            self._busy = True
-            size = sum(len(item.inputs) for item in live)
-            try:
-                outputs = await loop.run_in_executor(self._thread, self._call_batch, [item.inputs for item in live])
-            except asyncio.CancelledError:  # stopped mid-batch (a drain past its timeout): answer, then go
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(NotServing("the service is shutting down"))
-                raise
-            except Exception as exc:  # one failing batch fails only its own requests
-                log.exception("model %s %s: a batch of %d images failed", self.name, self.op, size)
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(BatchFailed(f"model {self.name!r} failed on this batch: {type(exc).__name__}"))
-                continue
-            finally:
-                self._busy = False
-            self._metrics.compute_seconds.labels(self.name, self.op).observe(time.perf_counter() - started)
-            self._metrics.batch_size.labels(self.name, self.op).observe(size)
-            offset = 0
-            for item in live:
-                k = len(item.inputs)
                 if not item.future.done():
-                    item.future.set_result(tuple(out[offset : offset + k] for out in outputs))
-                offset += k
+                    item.future.set_exception(NotServing("the service is shutting down"))
+            raise
+        except Exception as exc:  # one failing batch fails only its own requests
+            log.exception("model %s %s: a batch of %d images failed", self.name, self.op, size)
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(BatchFailed(f"model {self.name!r} failed on this batch: {type(exc).__name__}"))
+            return
+        finally:
+            self._lanes.give_back(thread)
+        self._metrics.compute_seconds.labels(self.name, self.op).observe(time.perf_counter() - started)
+        self._metrics.batch_size.labels(self.name, self.op).observe(size)
+        offset = 0
+        for item in live:
+            k = len(item.inputs)
+            if not item.future.done():
+                item.future.set_result(tuple(out[offset : offset + k] for out in outputs))
+            offset += k
 
     def _call_batch(self, parts: list[Tensor]) -> tuple[Tensor, ...]:
-        return self._call(torch.cat(parts) if len(parts) > 1 else parts[0])  # on the model thread: see runtime.py
+        return self._call(torch.cat(parts) if len(parts) > 1 else parts[0])  # on the batch's thread: see runtime.py
 
     def _call(self, inputs: Tensor) -> tuple[Tensor, ...]:
-        """Runs on the model thread: `compute` the batch. On CUDA out-of-memory, halve the batch and retry."""
+        """Runs on the batch's thread: `compute` the batch. On CUDA out-of-memory, halve the batch and retry."""
         try:
             return compute(self.name, self._predict, self._finish, inputs)
         except torch.OutOfMemoryError:
@@ -277,16 +293,18 @@ class Batcher:
         self._closing = True
         loop = asyncio.get_running_loop()
         give_up = loop.time() + timeout_s
-        while (self._queue or self._busy) and loop.time() < give_up:
+        while (self._queue or self._computing) and loop.time() < give_up:
             await asyncio.sleep(0.01)
         await self.stop()
 
     async def stop(self) -> None:
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [t for t in (self._task, *self._computing) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         self._fail_queued("the service is shutting down")
 
     def _fail_queued(self, reason: str) -> None:

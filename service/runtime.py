@@ -27,6 +27,7 @@ from torch import Tensor
 
 from service import graphs, imaging, malloc
 from service.batcher import Batcher, NotServing, as_float32
+from service.lanes import Lanes, single_thread_lanes
 from service.metrics import Metrics
 from service.repository import ServedModel, describe, discover, load_model, pick_device, pick_dtype
 from service.settings import Settings
@@ -53,7 +54,7 @@ class Runtime:
     models: dict[str, ServedModel]
     encoders: dict[str, Batcher]
     decoders: dict[str, Batcher]
-    model_thread: ThreadPoolExecutor
+    lanes: Lanes  # the model thread, and on a CPU the single-thread lanes used under load
     image_threads: ThreadPoolExecutor
     draining: bool = False
     active: int = 0  # requests in progress, counted by the app's middleware: a drain waits for them
@@ -81,6 +82,8 @@ class Runtime:
                     "version": str(m.get("version", "")), "sha256": model.artifact.sha256, "device": str(device),
                     "precision": model.precision, "cuda_graphs": str(bool(model.graphs)).lower(),
                 })
+        threads = torch.get_num_threads()
+        lanes = (settings.cpu_lanes or threads) if device.type == "cpu" else 1
         return cls(
             settings=settings,
             metrics=metrics,
@@ -88,10 +91,20 @@ class Runtime:
             models=models,
             encoders={},
             decoders={},
-            model_thread=model_thread,
+            lanes=Lanes(model_thread, single_thread_lanes(lanes) if lanes > 1 else ()),
             image_threads=ThreadPoolExecutor(max_workers=IMAGE_THREADS, thread_name_prefix="image"),
-            spare_core=device.type == "cpu" and torch.get_num_threads() < USABLE_CPUS,
+            spare_core=device.type == "cpu" and threads < USABLE_CPUS,
         )
+
+    @property
+    def model_thread(self) -> ThreadPoolExecutor:
+        return self.lanes.model_thread
+
+    @property
+    def max_batch_size(self) -> int:
+        """Images per model call: with lanes, the settings' limit is shared between them, so that the batches in
+        flight together hold no more images (and no more memory) than one batch on the model thread would."""
+        return max(1, self.settings.max_batch_size // max(1, len(self.lanes.singles)))
 
     def start(self) -> None:
         """Start one encode and one decode batcher per ready model (inside the event loop)."""
@@ -101,8 +114,8 @@ class Runtime:
                 continue
             for op, table, finish in (("encode", self.encoders, as_float32), ("decode", self.decoders, imaging.quantize)):
                 table[name] = Batcher(
-                    name, op, model.predictor(op), self.model_thread, self.metrics,
-                    max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000, queue_size=s.queue_size,
+                    name, op, model.predictor(op), self.lanes, self.metrics,
+                    max_batch_size=self.max_batch_size, max_wait_s=s.max_wait_ms / 1000, queue_size=s.queue_size,
                     finish=finish,
                 )
                 table[name].start()
@@ -116,7 +129,7 @@ class Runtime:
         await asyncio.gather(*(b.drain(self.settings.drain_timeout_s) for b in batchers))
         while self.active and loop.time() < give_up:  # their last steps, PNG encoding, need the image threads
             await asyncio.sleep(0.01)
-        self.model_thread.shutdown(wait=False, cancel_futures=True)
+        self.lanes.shutdown()
         self.image_threads.shutdown(wait=False, cancel_futures=True)
 
     # --- what the routes use ---------------------------------------------------------------------

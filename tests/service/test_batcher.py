@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from service.batcher import Batcher, BatchFailed, DeadlineExceeded, NotServing, QueueFull
+from service.lanes import Lanes
 from service.metrics import Metrics
 
 
@@ -32,7 +33,7 @@ class Recorder:
 
 def make(predict, **overrides) -> Batcher:  # type: ignore[no-untyped-def]
     options = {"max_batch_size": 8, "max_wait_s": 0.005, "queue_size": 64} | overrides
-    b = Batcher("m", "decode", predict, ThreadPoolExecutor(1), Metrics(), **options)
+    b = Batcher("m", "decode", predict, Lanes(ThreadPoolExecutor(1)), Metrics(), **options)
     b.start()
     return b
 

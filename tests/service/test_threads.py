@@ -111,7 +111,7 @@ async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left
         return parts(inputs, timeout_s, part_size)
 
     async def json_answer() -> None:
-        body = {"model": "mnist", "n": settings.max_batch_size}
+        body = {"model": "mnist", "n": decoder.max_batch_size}
         assert (await client.post("/sample", json=body, headers={"Accept": "application/json"})).status_code == 200
 
     assert server.spare_core == (torch.get_num_threads() < runtime.USABLE_CPUS)  # on the CPU, as the tests run
@@ -125,4 +125,4 @@ async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left
         server.active -= 1
     monkeypatch.setattr(server, "spare_core", False)  # the decode's threads fill every core
     await json_answer()
-    assert part_sizes == [settings.max_batch_size // 2, settings.max_batch_size, settings.max_batch_size]
+    assert part_sizes == [decoder.max_batch_size // 2, decoder.max_batch_size, decoder.max_batch_size]

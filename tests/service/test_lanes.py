@@ -1,0 +1,134 @@
+"""Where batches run: alone on the model thread with every torch thread, under load on single-thread lanes at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from service.batcher import Batcher
+from service.lanes import Lanes, single_thread_lanes
+from service.metrics import Metrics
+from service.runtime import Runtime
+from service.settings import Settings
+from tests.conftest import serve
+
+
+async def test_a_batch_alone_gets_the_model_thread_and_one_with_company_a_lane() -> None:
+    model_thread = ThreadPoolExecutor(1)
+    lanes = Lanes(model_thread, single_thread_lanes(2))
+    try:
+        solo = await lanes.take(alone=lambda: True)
+        assert solo is model_thread
+        lanes.give_back(solo)
+        first, second = await lanes.take(alone=lambda: False), await lanes.take(alone=lambda: True)
+        assert {first, second} == set(lanes.singles)  # something computes already: even a lone batch takes a lane
+        lanes.give_back(first)
+        lanes.give_back(second)
+    finally:
+        lanes.shutdown()
+
+
+async def test_the_model_thread_and_the_lanes_never_compute_at_once() -> None:
+    model_thread = ThreadPoolExecutor(1)
+    lanes = Lanes(model_thread, single_thread_lanes(2))
+    try:
+        assert await lanes.take(alone=lambda: True) is model_thread
+        blocked = asyncio.ensure_future(lanes.take(alone=lambda: False))
+        await asyncio.sleep(0.01)
+        assert not blocked.done()  # the model thread uses every core: no lane runs beside it
+        lanes.give_back(model_thread)
+        first = await asyncio.wait_for(blocked, 1)
+        second = await lanes.take(alone=lambda: True)  # a lane computes: the model thread stays out of it
+        assert {first, second} == set(lanes.singles)
+        third = asyncio.ensure_future(lanes.take(alone=lambda: True))
+        await asyncio.sleep(0.01)
+        assert not third.done()  # every lane is busy: the next batch waits for one
+        lanes.give_back(first)
+        assert await asyncio.wait_for(third, 1) is first
+    finally:
+        lanes.shutdown()
+
+
+async def test_without_lanes_every_batch_runs_on_the_model_thread_one_at_a_time() -> None:
+    model_thread = ThreadPoolExecutor(1)
+    lanes = Lanes(model_thread)
+    try:
+        assert await lanes.take(alone=lambda: False) is model_thread
+        second = asyncio.ensure_future(lanes.take(alone=lambda: False))
+        await asyncio.sleep(0.01)
+        assert not second.done()
+        lanes.give_back(model_thread)
+        assert await asyncio.wait_for(second, 1) is model_thread
+    finally:
+        lanes.shutdown()
+
+
+def test_a_lane_runs_torch_on_one_thread_and_the_model_thread_keeps_its_own() -> None:
+    model_thread = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(2,))
+    lanes = Lanes(model_thread, single_thread_lanes(2))
+    try:
+        assert [lane.submit(torch.get_num_threads).result() for lane in lanes.singles] == [1, 1]
+        assert model_thread.submit(torch.get_num_threads).result() == 2  # a per-thread setting
+    finally:
+        lanes.shutdown()
+
+
+async def test_under_load_batches_compute_on_the_lanes_at_once() -> None:
+    threads: list[str] = []
+    overlap = threading.Barrier(2, timeout=5)  # passes only if two batches are inside predict together
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        threads.append(threading.current_thread().name)
+        if threading.current_thread().name.startswith("lane"):
+            overlap.wait()
+        return x * 2
+
+    lanes = Lanes(ThreadPoolExecutor(1, thread_name_prefix="model"), single_thread_lanes(2))
+    b = Batcher("m", "decode", predict, lanes, Metrics(), max_batch_size=2, max_wait_s=0.001, queue_size=64)
+    b.start()
+    try:
+        outs = await asyncio.gather(*(b.submit(torch.full((1, 1), float(i)), timeout_s=5) for i in range(4)))
+        assert [float(o[0]) for (o,) in outs] == [0.0, 2.0, 4.0, 6.0]
+        assert sorted(threads) == ["lane0_0", "lane1_0"]  # two batches of two, one per lane, side by side
+        (alone,) = await b.submit(torch.ones(1, 1), timeout_s=5)
+        assert float(alone[0]) == 2.0 and threads[-1].startswith("model")
+    finally:
+        await b.stop()
+        lanes.shutdown()
+
+
+def test_lanes_share_the_batch_limit_so_batches_in_flight_hold_no_more_images_than_one(settings: Settings) -> None:
+    for cpu_lanes, singles, batch in ((2, 2, settings.max_batch_size // 2), (1, 0, settings.max_batch_size)):
+        rt = Runtime.load(settings.model_copy(update={"cpu_lanes": cpu_lanes}), Metrics())
+        try:
+            assert (len(rt.lanes.singles), rt.max_batch_size) == (singles, batch)
+        finally:
+            rt.lanes.shutdown()
+            rt.image_threads.shutdown()
+
+
+async def test_answers_are_the_same_on_a_lane_as_on_the_model_thread(settings: Settings) -> None:
+    """On a CPU a decode gives the same bytes with one torch thread as with several: which thread ran a batch does
+    not show in its images."""
+    body = {"model": "faces", "n": 4, "seed": 11}
+    answers = []
+    for cpu_lanes in (1, 2):
+        async with serve(settings.model_copy(update={"cpu_lanes": cpu_lanes})) as client:
+            crowd = [client.post("/sample", json={"model": "faces", "n": 3}) for _ in range(6)]
+            *others, mine = await asyncio.gather(*crowd, client.post("/sample", json=body))
+            assert all(r.status_code == 200 for r in others) and mine.status_code == 200
+            answers.append(mine.content)
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("cpu_lanes", [1, 3])
+async def test_a_burst_larger_than_every_lane_together_is_answered_in_full(settings: Settings, cpu_lanes: int) -> None:
+    async with serve(settings.model_copy(update={"cpu_lanes": cpu_lanes, "max_batch_size": 6})) as client:
+        answers = await asyncio.gather(*(client.post("/sample", json={"model": "mnist", "n": 5}) for _ in range(20)))
+        assert [r.status_code for r in answers] == [200] * 20
+        metrics = (await client.get("/metrics")).text
+    assert 'vae_images_generated_total{model="mnist"} 100.0' in metrics
