@@ -218,7 +218,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             await self._wait_for_items(None)
-            thread = await self._lanes.take(alone=lambda: len(self._queue) == 1)
+            thread = await self._lanes.take(queued=lambda: (len(self._queue), self._depth))
             try:
                 batch = await self._collect()
             except BaseException:

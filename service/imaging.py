@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 def quantize(images: torch.Tensor) -> torch.Tensor:
     """Float (N, C, H, W) in [0, 1] -> contiguous uint8 (N, H, W, C) on the same device: what PNG encoding takes.
 
-    The service runs this once per batch on the model thread, not per request on the event loop; on a GPU, a
+    The service runs this once per batch on the batch's thread, not per request on the event loop; on a GPU, a
     quarter of the bytes then cross to the host."""
     pixels = images.detach().float().clamp(0, 1).mul_(255).round_().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).contiguous()

@@ -1,13 +1,14 @@
 """Where batches run: the model thread with every torch thread, or, under load on a CPU, several single-thread lanes.
 
-A batch alone (nothing else computing, nothing else queued for its operation) runs on the model thread, whose
-OpenMP team spreads each op over every torch thread: the shortest latency. Under load, batches run at once on
-lanes of one torch thread each. On the 2-core machine of bench/README.md two lanes decoding batches of 32 gave
-about 20% more images/s in-process than the model thread with two threads on batches of 64 (943-1031 against
-781-856, faces, decode+PNG): a team of two waits at the end of every op for its slower thread, and under load
-the scheduler keeps lending one of them to the event loop or a PNG thread. A lane's ops never go parallel, so
-the lanes start no OpenMP teams of their own (see runtime.py for why a second team is costly). The model thread
-and the lanes never compute at the same time: the two would split the same cores.
+A batch alone (nothing else computing, and too little queued to give every lane a batch: `worth_lanes`) runs on
+the model thread, whose OpenMP team spreads each op over every torch thread: the shortest latency. Under load,
+batches run at once on lanes of one torch thread each. On the 2-core machine of bench/README.md two lanes
+decoding batches of 32 gave about 20% more images/s in-process than the model thread with two threads on batches
+of 64 (943-1031 against 781-856, faces, decode+PNG): a team of two waits at the end of every op for its slower
+thread, and under load the scheduler keeps lending one of them to the event loop or a PNG thread. A lane's ops
+never go parallel, so the lanes start no OpenMP teams of their own (see runtime.py for why a second team is
+costly), and no thread ever changes its thread count. The model thread and the lanes never compute at the same
+time: they would split the same cores.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+LANE_MIN_IMAGES = 8  # per lane: below this many queued images a batch alone runs on the model thread (see worth_lanes)
 
 
 def single_thread_lanes(count: int) -> list[ThreadPoolExecutor]:
@@ -41,11 +44,18 @@ class Lanes:
     def idle(self) -> bool:
         return not self._solo_busy and len(self._free) == len(self.singles)
 
-    async def take(self, alone: Callable[[], bool]) -> ThreadPoolExecutor:
-        """Wait for a thread to compute the next batch on: the model thread when nothing else computes and `alone()`
-        says the batch has no company, else a free lane (with no lanes: the model thread once it is free)."""
+    def worth_lanes(self, items: int, images: int) -> bool:
+        """Whether queued work is enough to give every lane a batch worth running on one thread. A lone batch, or a few
+        images, run faster on the model thread: one thread decodes a batch of 8 faces at 88% of the images/s of a
+        batch of 32, a batch of 1 at 30%, and on 2 cores 8 connections were served 20% slower on the lanes."""
+        return bool(self.singles) and items > 1 and images >= LANE_MIN_IMAGES * len(self.singles)
+
+    async def take(self, queued: Callable[[], tuple[int, int]]) -> ThreadPoolExecutor:
+        """Wait for a thread to compute the next batch on. `queued()` gives the items and images queued for it, this
+        batch's own included. The model thread when nothing else computes and the work is not `worth_lanes`, else a
+        free lane (with no lanes: the model thread once it is free)."""
         while True:
-            if self.idle and (alone() or not self.singles):
+            if self.idle and not self.worth_lanes(*queued()):
                 self._solo_busy = True
                 return self.model_thread
             if not self._solo_busy and self._free:

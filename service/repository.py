@@ -23,7 +23,7 @@ class ServedModel:
     name: str
     directory: Path
     artifact: Artifact | None = None
-    module: Any = None  # torch.jit.ScriptModule; called only from the model thread
+    module: Any = None  # torch.jit.ScriptModule; called only from the model thread and, on a CPU, the lanes
     error: str | None = None
     device: str = "cpu"
     dtype: torch.dtype = torch.float32  # what the module's weights are and what its inputs are cast to

@@ -1,13 +1,14 @@
 """What the routes call: the loaded models, their batchers and the threads that do the heavy work.
 
-The event loop never runs model code (one model thread) or image decoding, and PNG encoding only for the
-one request in progress (its small images: no hand-off); the rest goes to a small pool of image threads
-(zlib and Pillow release the GIL while they (de)compress).
+The event loop never runs model code (the model thread, and on a CPU under load the lanes of lanes.py) or
+image decoding, and PNG encoding only for the one request in progress (its small images: no hand-off); the
+rest goes to a small pool of image threads (zlib and Pillow release the GIL while they (de)compress).
 
 Every torch op that is large enough to run in parallel runs on the model thread, loading and warm-up
-included. With OpenMP each thread that starts a parallel op gets its own team of worker threads; once
-teams hold more threads than there are cores, libgomp cuts how long idle workers spin before sleeping,
-and every op then pays to wake them: a batch-1 faces decode measured 3.3 ms with one team, 5.0 ms with two.
+included; a lane has one torch thread, so its ops never do. With OpenMP each thread that starts a parallel
+op gets its own team of worker threads; once teams hold more threads than there are cores, libgomp cuts how
+long idle workers spin before sleeping, and every op then pays to wake them: a batch-1 faces decode measured
+3.3 ms with one team, 5.0 ms with two.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Runtime:
                     "precision": model.precision, "cuda_graphs": str(bool(model.graphs)).lower(),
                 })
         threads = torch.get_num_threads()
-        lanes = (settings.cpu_lanes or threads) if device.type == "cpu" else 1
+        lanes = (settings.cpu_lanes or default_lanes(threads)) if device.type == "cpu" else 1
         return cls(
             settings=settings,
             metrics=metrics,
@@ -234,6 +235,13 @@ class Runtime:
         if _alone(self.active, tiles):
             return encode()
         return await asyncio.get_running_loop().run_in_executor(self.image_threads, encode)
+
+
+def default_lanes(torch_threads: int) -> int:
+    """Two lanes where torch runs two threads: measured faster there (bench/README.md, CPU lanes). Elsewhere none: on
+    4 and 16 cores lanes were faster under heavy load but slower for some requests, and with many lanes the shared
+    batch limit makes every batch small."""
+    return 2 if torch_threads == 2 else 1
 
 
 def _alone(active: int, tiles: np.ndarray) -> bool:

@@ -23,8 +23,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="intra-op threads for torch; 0 keeps torch's default")
     cpu_lanes: int = Field(
         0, ge=0, le=256,
-        description="on a CPU, batches computed at once under load, one torch thread each; 0: one per torch thread; "
-        "1: one batch at a time on every torch thread (see bench/README.md)",
+        description="on a CPU, batches computed at once under load, one torch thread each; 0: 2 where torch runs 2 "
+        "threads, else 1; 1: one batch at a time on every torch thread (see bench/README.md)",
     )
     precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="the models' weights and arithmetic; auto: float32 (see bench/README.md)"

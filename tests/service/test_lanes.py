@@ -10,22 +10,41 @@ import pytest
 import torch
 
 from service.batcher import Batcher
-from service.lanes import Lanes, single_thread_lanes
+from service.lanes import LANE_MIN_IMAGES, Lanes, single_thread_lanes
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.settings import Settings
 from tests.conftest import serve
 
 
-async def test_a_batch_alone_gets_the_model_thread_and_one_with_company_a_lane() -> None:
+def lone() -> tuple[int, int]:  # what take() is told is queued for the batch: (items, images)
+    return 1, 1
+
+
+def crowd() -> tuple[int, int]:
+    return 20, 20
+
+
+def test_lanes_take_work_only_when_every_lane_gets_a_batch_worth_running_on_one_thread() -> None:
+    lanes = Lanes(ThreadPoolExecutor(1), single_thread_lanes(2))
+    try:
+        assert lanes.worth_lanes(items=2, images=2 * LANE_MIN_IMAGES)
+        assert not lanes.worth_lanes(items=2 * LANE_MIN_IMAGES - 1, images=2 * LANE_MIN_IMAGES - 1)  # a few images
+        assert not lanes.worth_lanes(items=1, images=64)  # one batch cannot be split between lanes
+        assert not Lanes(ThreadPoolExecutor(1)).worth_lanes(items=64, images=64)  # no lanes
+    finally:
+        lanes.shutdown()
+
+
+async def test_a_batch_alone_gets_the_model_thread_and_a_crowd_the_lanes() -> None:
     model_thread = ThreadPoolExecutor(1)
     lanes = Lanes(model_thread, single_thread_lanes(2))
     try:
-        solo = await lanes.take(alone=lambda: True)
+        solo = await lanes.take(lone)
         assert solo is model_thread
         lanes.give_back(solo)
-        first, second = await lanes.take(alone=lambda: False), await lanes.take(alone=lambda: True)
-        assert {first, second} == set(lanes.singles)  # something computes already: even a lone batch takes a lane
+        first, second = await lanes.take(crowd), await lanes.take(lone)
+        assert {first, second} == set(lanes.singles)  # a lane computes already: even a lone batch takes a lane
         lanes.give_back(first)
         lanes.give_back(second)
     finally:
@@ -36,15 +55,15 @@ async def test_the_model_thread_and_the_lanes_never_compute_at_once() -> None:
     model_thread = ThreadPoolExecutor(1)
     lanes = Lanes(model_thread, single_thread_lanes(2))
     try:
-        assert await lanes.take(alone=lambda: True) is model_thread
-        blocked = asyncio.ensure_future(lanes.take(alone=lambda: False))
+        assert await lanes.take(lone) is model_thread
+        blocked = asyncio.ensure_future(lanes.take(crowd))
         await asyncio.sleep(0.01)
         assert not blocked.done()  # the model thread uses every core: no lane runs beside it
         lanes.give_back(model_thread)
         first = await asyncio.wait_for(blocked, 1)
-        second = await lanes.take(alone=lambda: True)  # a lane computes: the model thread stays out of it
+        second = await lanes.take(lone)  # a lane computes: the model thread stays out of it
         assert {first, second} == set(lanes.singles)
-        third = asyncio.ensure_future(lanes.take(alone=lambda: True))
+        third = asyncio.ensure_future(lanes.take(lone))
         await asyncio.sleep(0.01)
         assert not third.done()  # every lane is busy: the next batch waits for one
         lanes.give_back(first)
@@ -57,8 +76,8 @@ async def test_without_lanes_every_batch_runs_on_the_model_thread_one_at_a_time(
     model_thread = ThreadPoolExecutor(1)
     lanes = Lanes(model_thread)
     try:
-        assert await lanes.take(alone=lambda: False) is model_thread
-        second = asyncio.ensure_future(lanes.take(alone=lambda: False))
+        assert await lanes.take(crowd) is model_thread
+        second = asyncio.ensure_future(lanes.take(crowd))
         await asyncio.sleep(0.01)
         assert not second.done()
         lanes.give_back(model_thread)
@@ -88,12 +107,13 @@ async def test_under_load_batches_compute_on_the_lanes_at_once() -> None:
         return x * 2
 
     lanes = Lanes(ThreadPoolExecutor(1, thread_name_prefix="model"), single_thread_lanes(2))
-    b = Batcher("m", "decode", predict, lanes, Metrics(), max_batch_size=2, max_wait_s=0.001, queue_size=64)
+    size = LANE_MIN_IMAGES  # two requests of this many: a batch for each lane
+    b = Batcher("m", "decode", predict, lanes, Metrics(), max_batch_size=size, max_wait_s=0.001, queue_size=64)
     b.start()
     try:
-        outs = await asyncio.gather(*(b.submit(torch.full((1, 1), float(i)), timeout_s=5) for i in range(4)))
-        assert [float(o[0]) for (o,) in outs] == [0.0, 2.0, 4.0, 6.0]
-        assert sorted(threads) == ["lane0_0", "lane1_0"]  # two batches of two, one per lane, side by side
+        outs = await asyncio.gather(*(b.submit(torch.full((size, 1), float(i)), timeout_s=5) for i in range(2)))
+        assert [o[:, 0].tolist() for (o,) in outs] == [[0.0] * size, [2.0] * size]
+        assert sorted(threads) == ["lane0_0", "lane1_0"]  # one batch per lane, side by side
         (alone,) = await b.submit(torch.ones(1, 1), timeout_s=5)
         assert float(alone[0]) == 2.0 and threads[-1].startswith("model")
     finally:
@@ -103,7 +123,7 @@ async def test_under_load_batches_compute_on_the_lanes_at_once() -> None:
 
 def test_lanes_share_the_batch_limit_so_batches_in_flight_hold_no_more_images_than_one(settings: Settings) -> None:
     for cpu_lanes, singles, batch in ((2, 2, settings.max_batch_size // 2), (1, 0, settings.max_batch_size)):
-        rt = Runtime.load(settings.model_copy(update={"cpu_lanes": cpu_lanes}), Metrics())
+        rt = Runtime.load(settings.model_copy(update={"cpu_lanes": cpu_lanes, "device": "cpu"}), Metrics())
         try:
             assert (len(rt.lanes.singles), rt.max_batch_size) == (singles, batch)
         finally:
