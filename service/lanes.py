@@ -23,7 +23,8 @@ LANE_MIN_IMAGES = 8  # per lane: below this many queued images a batch alone run
 
 
 def single_thread_lanes(count: int) -> list[ThreadPoolExecutor]:
-    """`count` threads that run torch ops with one intra-op thread each (a per-thread setting in OpenMP)."""
+    """`count` threads that run torch ops with one intra-op thread each. OpenMP keeps the count per thread; torch also
+    makes it the default for threads that have not run torch yet, which by then the model thread has."""
     return [
         ThreadPoolExecutor(1, thread_name_prefix=f"lane{i}", initializer=torch.set_num_threads, initargs=(1,))
         for i in range(count)
