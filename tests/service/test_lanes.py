@@ -36,22 +36,7 @@ def test_lanes_take_work_only_when_every_lane_gets_a_batch_worth_running_on_one_
         lanes.shutdown()
 
 
-async def test_a_batch_alone_gets_the_model_thread_and_a_crowd_the_lanes() -> None:
-    model_thread = ThreadPoolExecutor(1)
-    lanes = Lanes(model_thread, single_thread_lanes(2))
-    try:
-        solo = await lanes.take(lone)
-        assert solo is model_thread
-        lanes.give_back(solo)
-        first, second = await lanes.take(crowd), await lanes.take(lone)
-        assert {first, second} == set(lanes.singles)  # a lane computes already: even a lone batch takes a lane
-        lanes.give_back(first)
-        lanes.give_back(second)
-    finally:
-        lanes.shutdown()
-
-
-async def test_the_model_thread_and_the_lanes_never_compute_at_once() -> None:
+async def test_a_batch_alone_gets_the_model_thread_and_it_never_computes_beside_a_lane() -> None:
     model_thread = ThreadPoolExecutor(1)
     lanes = Lanes(model_thread, single_thread_lanes(2))
     try:
