@@ -81,6 +81,12 @@ def warm_up(module: Any, artifact: Artifact, device: torch.device, dtype: torch.
         raise ArtifactError("decode of the warm-up latent is not finite")
 
 
+# On a CPU, oneDNN runs the convolutions faster with their weights channels-last, and their outputs follow:
+# faces decode at batch 1 with 2 threads 3.0 -> 1.7 ms, batch 64 52 -> 45 ms, batch 19 with 1 thread 29 -> 27 ms,
+# with the same bytes out (encode differs by ~1e-6). Linear-only models (mnist) have no 4-D weights to change.
+CPU_LAYOUT = torch.channels_last
+
+
 def load_model(
     directory: Path, device: torch.device, dtype: torch.dtype = torch.float32, graph_sizes: Sequence[int] = ()
 ) -> ServedModel:
@@ -93,6 +99,8 @@ def load_model(
             log.info("model folder %s serves manifest name %r under the folder's name", directory.name, artifact.name)
         served.artifact = artifact
         module = artifact.load(device).to(dtype)
+        if device.type == "cpu":
+            module = module.to(memory_format=CPU_LAYOUT)
         warm_up(module, artifact, device, dtype)
         served.module = module
     except ArtifactError as exc:
