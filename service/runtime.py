@@ -98,10 +98,6 @@ class Runtime:
         )
 
     @property
-    def model_thread(self) -> ThreadPoolExecutor:
-        return self.lanes.model_thread
-
-    @property
     def max_batch_size(self) -> int:
         """Images per model call: with lanes, the settings' limit is shared between them, so that the batches in
         flight together hold no more images (and no more memory) than one batch on the model thread would."""

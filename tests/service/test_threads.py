@@ -35,10 +35,10 @@ def test_models_load_and_warm_up_on_the_model_thread_that_later_runs_them(
     monkeypatch.setattr(runtime, "load_model", load_model)
     rt = Runtime.load(settings, Metrics())
     try:
-        model_thread = rt.model_thread.submit(lambda: threading.current_thread().name).result()
+        model_thread = rt.lanes.model_thread.submit(lambda: threading.current_thread().name).result()
         assert loaded_on == [model_thread] * len(rt.models) and len(rt.models) >= 2
     finally:
-        rt.model_thread.shutdown()
+        rt.lanes.shutdown()
         rt.image_threads.shutdown()
 
 
