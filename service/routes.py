@@ -29,6 +29,7 @@ from service.schemas import (
     ModelInfo,
     ModelList,
     SampleRequest,
+    images_json,
 )
 
 PNG = "image/png"
@@ -68,11 +69,7 @@ async def images_response(
     headers = {"X-Seed": str(seed)} if seed is not None else {}
     if wants_json(request):
         pngs = await runtime.decode_pngs(model, z)
-        body = ImagesResponse(
-            model=model, seed=seed, latents=z.tolist(), images=[base64.b64encode(p).decode() for p in pngs]
-        )
-        # pydantic's own serializer: half the time of json.dumps for 64 images and their 8192 latent numbers
-        return Response(body.model_dump_json(), media_type="application/json", headers=headers)
+        return Response(images_json(model, seed, z.tolist(), pngs), media_type="application/json", headers=headers)
     images = await runtime.decode(model, z)
     return Response(await runtime.grid_png(images, columns), media_type=PNG, headers=headers)
 

@@ -6,7 +6,10 @@ import asyncio
 import base64
 
 import httpx
+import pytest
+import torch
 
+from service.schemas import ImagesResponse, images_json
 from tests.conftest import decode_png
 
 
@@ -34,6 +37,21 @@ async def test_json_gives_latents_images_and_the_seed_used(client: httpx.AsyncCl
     assert r.headers["x-seed"] == str(body["seed"])
     assert len(body["latents"]) == 3 and all(len(z) == 2 for z in body["latents"])
     assert [decode_png(base64.b64decode(i)).size for i in body["images"]] == [(28, 28)] * 3
+
+
+async def test_json_answer_is_what_its_schema_writes(client: httpx.AsyncClient) -> None:
+    r = await client.post("/sample", json={"model": "faces", "n": 2, "seed": 7}, headers={"accept": "application/json"})
+    assert r.content == ImagesResponse.model_validate_json(r.content).model_dump_json().encode()
+
+
+@pytest.mark.parametrize("seed", [None, 0, 2**31 - 1])
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_images_json_is_byte_for_byte_the_schemas_own(seed: int | None, n: int) -> None:
+    pngs = [bytes(range(i, 40 + 7 * i)) for i in range(n)]
+    latents = torch.randn(n, 5, generator=torch.Generator().manual_seed(n)).tolist()
+    images = [base64.b64encode(p).decode() for p in pngs]
+    expected = ImagesResponse(model='fa"ces', seed=seed, latents=latents, images=images).model_dump_json().encode()
+    assert images_json('fa"ces', seed, latents, pngs) == expected
 
 
 async def test_same_seed_same_bytes_even_under_concurrent_load(client: httpx.AsyncClient) -> None:
