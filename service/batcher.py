@@ -265,6 +265,7 @@ class Batcher:
             self._lanes.give_back(thread)
         self._metrics.compute_seconds.labels(self.name, self.op).observe(time.perf_counter() - started)
         self._metrics.batch_size.labels(self.name, self.op).observe(size)
+        self._metrics.batches.labels(self.name, self.op, self._lanes.kind(thread)).inc()
         offset = 0
         for item in live:
             k = len(item.inputs)

@@ -69,6 +69,10 @@ class Lanes:
                 if waiter in self._waiting:
                     self._waiting.remove(waiter)
 
+    def kind(self, thread: ThreadPoolExecutor) -> str:
+        """What the metrics call `thread`: "model" or "lane"."""
+        return "model" if thread is self.model_thread else "lane"
+
     def give_back(self, thread: ThreadPoolExecutor) -> None:
         if thread is self.model_thread:
             self._solo_busy = False

@@ -65,6 +65,10 @@ class Metrics:
         self.batch_size = Histogram(
             "vae_batch_size_images", "images per model call", ["model", "op"], buckets=_BATCH_BUCKETS, registry=r
         )
+        self.batches = Counter(
+            "vae_batches_total", "model calls by where they ran: the model thread (every torch thread) or, under load "
+            "on a CPU, a single-thread lane", ["model", "op", "thread"], registry=r,
+        )
         self.queue_depth = Gauge(
             "vae_queue_depth_images", "images waiting for a model call", ["model", "op"], registry=r,
             multiprocess_mode="livesum",

@@ -35,7 +35,9 @@ from service.settings import Settings
 
 log = logging.getLogger("vae_serve.runtime")
 USABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-IMAGE_THREADS = max(2, os.cpu_count() or 2)  # PNG encoding and upload decoding: zlib and Pillow release the GIL
+# PNG encoding and upload decoding: zlib and Pillow release the GIL. The CPUs this process may use, not the host's:
+# a container pinned to 2 of 64 cores would otherwise split every answer's PNGs 64 ways.
+IMAGE_THREADS = max(2, USABLE_CPUS)
 INLINE_PNG_BYTES = 64 * 1024  # uint8 pixels a lone request may encode on the event loop: a 96x96 RGB image is 27 KiB
 
 

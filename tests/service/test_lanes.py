@@ -93,7 +93,8 @@ async def test_under_load_batches_compute_on_the_lanes_at_once() -> None:
 
     lanes = Lanes(ThreadPoolExecutor(1, thread_name_prefix="model"), single_thread_lanes(2))
     size = LANE_MIN_IMAGES  # two requests of this many: a batch for each lane
-    b = Batcher("m", "decode", predict, lanes, Metrics(), max_batch_size=size, max_wait_s=0.001, queue_size=64)
+    metrics = Metrics()
+    b = Batcher("m", "decode", predict, lanes, metrics, max_batch_size=size, max_wait_s=0.001, queue_size=64)
     b.start()
     try:
         outs = await asyncio.gather(*(b.submit(torch.full((size, 1), float(i)), timeout_s=5) for i in range(2)))
@@ -101,6 +102,9 @@ async def test_under_load_batches_compute_on_the_lanes_at_once() -> None:
         assert sorted(threads) == ["lane0_0", "lane1_0"]  # one batch per lane, side by side
         (alone,) = await b.submit(torch.ones(1, 1), timeout_s=5)
         assert float(alone[0]) == 2.0 and threads[-1].startswith("model")
+        ran = {t: metrics.registry.get_sample_value("vae_batches_total", {"model": "m", "op": "decode", "thread": t})
+               for t in ("lane", "model")}
+        assert ran == {"lane": 2.0, "model": 1.0}  # operators see where batches ran
     finally:
         await b.stop()
         lanes.shutdown()
