@@ -21,13 +21,15 @@ import numpy as np
 import torch
 
 from bench.server import machine_busy_seconds
-from service import batcher, imaging, malloc
+from service import batcher, cpus, imaging, malloc
 from service.artifact import Artifact
 from service.repository import ServedModel, load_model
 from service.settings import Settings
 
 MODES = ("decode", "decode+png", "upload+encode")
-DEFAULT_THREADS = torch.get_num_threads()  # read at import, before anything changes it
+# What VAE_TORCH_THREADS=0 gives the service: torch's default, read at import before anything changes it, at most the
+# CPUs the process may use (service/cpus.py)
+DEFAULT_THREADS = min(torch.get_num_threads(), cpus.usable_cpus())
 _MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default
 
 

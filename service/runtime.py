@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service import graphs, imaging, malloc
+from service import cpus, graphs, imaging, malloc
 from service.batcher import Batcher, NotServing, as_float32
 from service.lanes import Lanes, single_thread_lanes
 from service.metrics import Metrics
@@ -34,9 +33,9 @@ from service.repository import ServedModel, describe, discover, load_model, pick
 from service.settings import Settings
 
 log = logging.getLogger("vae_serve.runtime")
-USABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+USABLE_CPUS = cpus.usable_cpus()  # the affinity mask, capped by a container's CPU quota
 # PNG encoding and upload decoding: zlib and Pillow release the GIL. The CPUs this process may use, not the host's:
-# a container pinned to 2 of 64 cores would otherwise split every answer's PNGs 64 ways.
+# a container limited to 2 of 64 cores would otherwise split every answer's PNGs 64 ways.
 IMAGE_THREADS = max(2, USABLE_CPUS)
 INLINE_PNG_BYTES = 64 * 1024  # uint8 pixels a lone request may encode on the event loop: a 96x96 RGB image is 27 KiB
 
@@ -68,6 +67,9 @@ class Runtime:
         """Load and warm up every model in the repository on the model thread (slow: call it off the event loop)."""
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+        elif torch.get_num_threads() > USABLE_CPUS:  # torch counted the host's cores (see cpus.py)
+            log.info("torch threads %d -> %d: the CPUs this process may use", torch.get_num_threads(), USABLE_CPUS)
+            torch.set_num_threads(USABLE_CPUS)
         malloc.reuse_freed_memory()
         device, dtype = pick_device(settings.device), pick_dtype(settings.precision)
         sizes = graphs.batch_sizes(settings.max_batch_size) if settings.cuda_graphs else ()

@@ -20,7 +20,10 @@ class Settings(BaseSettings):
     workers: int = Field(
         1, ge=1, le=64, description="server processes on the port, each with every model: for GPU hosts (see README)"
     )
-    torch_threads: int = Field(0, ge=0, description="intra-op threads for torch; 0 keeps torch's default")
+    torch_threads: int = Field(
+        0, ge=0, description="intra-op threads for torch; 0: torch's default, at most the CPUs the process may use "
+        "(its affinity and its container's CPU quota)",
+    )
     cpu_lanes: int = Field(
         0, ge=0, le=256,
         description="on a CPU, batches computed at once under load, one torch thread each; 0: 2 where torch runs 2 "
