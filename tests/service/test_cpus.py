@@ -58,9 +58,11 @@ def test_torch_default_threads_are_capped_at_the_usable_cpus_unless_chosen(
     try:
         for chosen, expected in ((0, 1), (3, 3)):  # VAE_TORCH_THREADS set by hand is obeyed, even above
             rt = Runtime.load(settings.model_copy(update={"torch_threads": chosen, "device": "cpu"}), Metrics())
-            rt.lanes.shutdown()
-            rt.image_threads.shutdown()
-            assert torch.get_num_threads() == expected
+            try:
+                assert rt.lanes.model_thread.submit(torch.get_num_threads).result() == expected  # where models run
+            finally:
+                rt.lanes.shutdown()
+                rt.image_threads.shutdown()
             torch.set_num_threads(2)  # torch's default on a host with more cores
     finally:
         torch.set_num_threads(before)
