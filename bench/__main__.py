@@ -9,6 +9,7 @@ import platform
 import re
 import shlex
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="3 s wrk runs and shorter in-process timings")
     p.add_argument("--only", choices=("ceiling", "service"), help="measure only one part")
     p.add_argument("--repeat", type=int, default=1,
-                   help="run each scenario a target judges this many times; the verdict takes the median (default 1)")
+                   help="run each scenario a target judges, and the server's start-up, this many times; the verdict takes "
+                        "the median (default 1)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="an extra variable for the service, e.g. --env VAE_MAX_WAIT_MS=1 or --env OMP_WAIT_POLICY=active "
                         "(repeatable)")
@@ -113,7 +115,8 @@ def machine(device: torch.device) -> dict[str, Any]:
 def measure_service(args: argparse.Namespace, models: list[str], workloads: dict[str, ceiling.Workload],
                     threads_setting: int, workdir: Path) -> dict[str, Any]:
     """Start the service at one thread setting, warm it up, run every scenario, stop it. The in-process work a
-    target compares with is measured again just before and just after its scenario: a shared machine drifts."""
+    target compares with is measured again just before and just after its scenario: a shared machine drifts. With
+    --repeat N the server is then started N-1 more times, to time its start-up alone."""
     env = {"VAE_TORCH_THREADS": str(threads_setting), "VAE_DEVICE": args.device, "VAE_PRECISION": args.precision,
            "VAE_CUDA_GRAPHS": "true" if args.cuda_graphs == "on" else "false"}
     env |= dict(item.split("=", 1) for item in args.env)
@@ -145,11 +148,16 @@ def measure_service(args: argparse.Namespace, models: list[str], workloads: dict
         memory = server.memory_mb()
         failed = any(r["non_2xx"] or any(r["socket_errors"].values()) for r in runs)
         log_tail = server.log_tail() if failed else None  # the server's own account of the errors
+    ready = [server.ready_s]
+    for i in range(args.repeat - 1):  # start-up alone, again: judged like the load runs, by the median
+        with running_server(args.models_dir.resolve(), env, workdir / f"server-{threads_setting}-start{i}.log") as again:
+            ready.append(again.ready_s)
     return {
         "threads_setting": threads_setting,
         "env": env,
         "models": [d.name for d in discover(args.models_dir)],  # the server loads them all, measured or not
-        "ready_s": server.ready_s,
+        "ready_s": statistics.median(ready),
+        "ready_runs_s": ready,  # the first start is the one the load runs used
         "memory_mib": {"after_warm_up": after_warm_up, "after_load": memory["rss"], "peak": memory["peak"]},
         "runs": runs,
         "log_tail": log_tail,

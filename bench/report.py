@@ -153,10 +153,16 @@ def targets(service: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[Targ
         _throughput_target(f"{m} n=64 c=1 images/s >= 1.0x ceiling (decode+PNG, batch 64)", service, ceiling,
                            "sample n=64 json", 1, 1.0),
         Target(f"ready < {READY_LIMIT_S:g} s ({', '.join(service['models'])})", t, service["ready_s"], READY_LIMIT_S,
-               False, f"{service['ready_s']:.2f} s", busiest),
+               False, "; ".join(filter(None, (f"{service['ready_s']:.2f} s", _ready_starts(service)))), busiest),
         Target(f"RSS < {RSS_LIMIT_MIB:.0f} MiB (peak over the whole run)", t, peak, RSS_LIMIT_MIB, False,
                f"{peak:.0f} MiB"),  # memory does not depend on how busy the machine is
     ]
+
+
+def _ready_starts(service: dict[str, Any]) -> str:
+    """"the median of 3 starts: 1.85, 1.90, 2.10 s", or "" for one start (and for results from before there were more)."""
+    runs = service.get("ready_runs_s") or []
+    return f"the median of {len(runs)} starts: {', '.join(f'{r:.2f}' for r in runs)} s" if len(runs) > 1 else ""
 
 
 def num(value: float | None, digits: int = 1) -> str:
@@ -255,12 +261,13 @@ def markdown(results: dict[str, Any]) -> str:
     for service in results["service"]:
         mem = service["memory_mib"]
         default = " (torch's default)" if not service["threads_setting"] else ""
+        starts = f" ({_ready_starts(service)})" if _ready_starts(service) else ""
         lines += [
             "",
             f"## Service, VAE_TORCH_THREADS={service['threads_setting']}{default}",
             "",
-            f"Ready {service['ready_s']:.2f} s after the process started. RSS {mem['after_warm_up']:.0f} MiB after "
-            f"warm-up, {mem['after_load']:.0f} MiB after the load, peak {mem['peak']:.0f} MiB.",
+            f"Ready {service['ready_s']:.2f} s after the process started{starts}. RSS {mem['after_warm_up']:.0f} MiB "
+            f"after warm-up, {mem['after_load']:.0f} MiB after the load, peak {mem['peak']:.0f} MiB.",
             "",
             *service_table(service),
         ]
