@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
@@ -83,6 +83,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"the image has too many pixels: {exc}") from None
+    except UnidentifiedImageError:  # Pillow's own message names a Python object's address, no use to a client
+        raise ImageError(f"not a readable image: the bytes are none of {', '.join(ALLOWED_FORMATS)}") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"not a readable image ({', '.join(ALLOWED_FORMATS)}): {exc}") from None
     w, h = image.size

@@ -1,8 +1,10 @@
-"""POST /sample, /decode and /interpolate with a JSON body take a lean path past FastAPI's layers (service/fastpath.py).
-Every answer on it is the one FastAPI gives; whatever it does not take as it is goes to FastAPI unchanged."""
+"""POST /sample, /decode and /interpolate with a JSON body, and POST /encode, take a lean path past FastAPI's layers
+(service/fastpath.py). Every answer on it is the one FastAPI gives; whatever it does not take as it is goes to FastAPI
+unchanged."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -13,7 +15,7 @@ from pydantic import SecretStr
 from service import fastpath
 from service.schemas import SampleRequest
 from service.settings import Settings
-from tests.conftest import serve
+from tests.conftest import png, serve
 
 JSON = {"content-type": "application/json"}
 VIA_FASTAPI = {"content-type": "application/vnd.test+json"}  # FastAPI reads it as JSON; the lean path leaves it
@@ -96,3 +98,45 @@ async def test_a_client_that_leaves_before_its_body_arrived_gets_no_answer_and_b
     await app(scope, receive, send)
     assert sent == []
     assert (await client.post("/sample", json={"model": "mnist"})).status_code == 200
+
+
+def form(*images: bytes, model: str = "faces") -> dict[str, Any]:
+    return {"data": {"model": model}, "files": [("image", (f"{i}.png", image, "image/png")) for i, image in enumerate(images)]}
+
+
+ENCODE_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("one image", form(png())),
+    ("two images, one a digit for mnist", form(png(), png(mode="L"), model="mnist")),
+    ("base64 JSON", {"json": {"model": "faces", "images": [base64.b64encode(png()).decode()]}}),
+    ("not an image", form(b"not a png")),  # the route's 422
+    ("unknown model", form(png(), model="no-such-model")),  # 404 from the app's exception handler
+    ("no image field", {"data": {"model": "faces"}, "files": [("other", ("x.png", png(), "image/png"))]}),
+    ("too many images", form(*[png()] * 65)),
+    ("invalid JSON", {"content": b'{"model": "faces", "images": 3}', "headers": {"content-type": "application/json"}}),
+    ("another content type", {"content": b"faces", "headers": {"content-type": "text/plain"}}),  # 415
+]
+
+
+@pytest.mark.parametrize(("case", "request_args"), ENCODE_CASES, ids=[c for c, _ in ENCODE_CASES])
+async def test_encode_on_the_lean_path_answers_exactly_as_fastapi_does(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, case: str, request_args: dict[str, Any]
+) -> None:
+    lean = await client.post("/encode", **request_args)
+    monkeypatch.delitem(fastpath.MODEL_ROUTES, "/encode")
+    full = await client.post("/encode", **request_args)
+    assert (lean.status_code, lean.headers["content-type"], lean.content) == (
+        full.status_code, full.headers["content-type"], full.content
+    )
+
+
+async def test_encode_takes_the_lean_path(client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    route = fastpath.MODEL_ROUTES["/encode"]
+
+    async def spy(request: Any, runtime: Any) -> Any:
+        calls.append(request.url.path)
+        return await route(request, runtime)
+
+    monkeypatch.setitem(fastpath.MODEL_ROUTES, "/encode", spy)
+    assert (await client.post("/encode", **form(png()))).status_code == 200
+    assert calls == ["/encode"]
