@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
-from service.fastpath import JsonImageRoutes
+from service.fastpath import LeanRoutes
 from service.metrics import Metrics
 from service.routes import metrics_router, probes, router
 from service.runtime import ModelUnavailable, Runtime, UnknownModel
@@ -247,7 +247,7 @@ def create_app(settings: Settings | None = None, *, wait_for_models: bool = Fals
     app.include_router(probes)
     app.include_router(metrics_router, dependencies=auth if settings.metrics_require_key else [])
     _install_error_handlers(app)
-    app.add_middleware(JsonImageRoutes, fastapi=app, key_matches=key_matches)  # inside the next one: it limits and logs
+    app.add_middleware(LeanRoutes, fastapi=app, key_matches=key_matches)  # inside the next one: it limits and logs
     app.add_middleware(LimitsAndAccessLog, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app
 

@@ -39,7 +39,7 @@ ModelRoute = Callable[[Request, Runtime], Awaitable[BaseModel]]
 MODEL_ROUTES: dict[str, ModelRoute] = {"/encode": routes.encode}
 
 
-class JsonImageRoutes:
+class LeanRoutes:
     """Pure ASGI middleware; inside the app's LimitsAndAccessLog, which limits the body, counts and logs."""
 
     def __init__(self, app: ASGIApp, fastapi: FastAPI, key_matches: Callable[[str], bool] | None) -> None:
