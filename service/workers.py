@@ -131,3 +131,5 @@ def _serve(sock: socket.socket, ready: Event, parent: int) -> None:
 
     threading.Thread(target=watch, daemon=True, name="watch-parent").start()
     worker.run(sockets=[sock])
+    if os.getppid() != parent:  # the supervisor died without cleaning up: its workers remove the metrics folder
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

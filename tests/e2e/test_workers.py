@@ -89,9 +89,13 @@ def test_a_worker_that_dies_is_replaced_and_sigterm_stops_them_all(tiny_models: 
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
-def test_workers_stop_when_their_parent_is_killed(tiny_models: Path) -> None:
+def test_workers_stop_when_their_parent_is_killed_and_leave_no_metrics_folder(tiny_models: Path) -> None:
     with running_server(tiny_models, VAE_WORKERS="2") as (_, process):
         workers = children(process.pid)
+        environ = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
+        metrics = Path(next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1].decode())
+        assert metrics.is_dir()
         process.kill()
         process.wait()
         assert eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout_s=30)
+        assert not metrics.exists()  # a supervisor killed outright cannot remove it; its workers do
