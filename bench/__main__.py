@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bench import ceiling, load, report
+from bench import baselines, ceiling, load, report
 from bench.server import running_server
 from service import graphs
 from service.artifact import ArtifactError, read_artifact
@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="on a GPU, replay batches from CUDA graphs, in the ceiling and the service (VAE_CUDA_GRAPHS)")
     p.add_argument("--duration", type=float, default=6.0, help="seconds per wrk run (default 6)")
     p.add_argument("--quick", action="store_true", help="3 s wrk runs and shorter in-process timings")
-    p.add_argument("--only", choices=("ceiling", "service"), help="measure only one part")
+    p.add_argument("--only", choices=("ceiling", "service", "baselines"),
+                   help="measure only one part (baselines: the same model on general-purpose servers)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run each scenario a target judges, and the server's start-up, this many times; the verdict takes "
                         "the median (default 1)")
@@ -164,6 +165,38 @@ def measure_service(args: argparse.Namespace, models: list[str], workloads: dict
     }
 
 
+def measure_baselines(args: argparse.Namespace, model: str, workdir: Path) -> list[dict[str, Any]]:
+    """The same `sample n=1` scenarios as the service, against each general-purpose baseline (bench/baselines.py),
+    each started fresh with torch's default threads and warmed up like the service."""
+    model_dir = (args.models_dir / model).resolve()
+    env = dict(item.split("=", 1) for item in args.env)  # OMP_NUM_THREADS and the like apply to them too
+    runs = []
+    for name in baselines.BASELINES:
+        def command(port: int, name: str = name) -> list[str]:
+            return baselines.command(name, model_dir, args.device, port, sys.executable)
+
+        log_path = workdir / f"baseline-{name}.log"
+        try:
+            server_cm = running_server(model_dir, env, log_path, command=command, ready_path=baselines.HEALTH_PATH)
+            with server_cm as server:
+                say(f"baseline {name}: ready in {server.ready_s:.2f} s (pid {server.pid})")
+                for s in load.baseline_scenarios(model):
+                    body, content_type = load.write_body(s, b"", workdir)
+                    load.run_wrk(f"{server.url}/{s.endpoint}", body, content_type, s.accept, s.concurrency, 1.0)
+                for s in load.baseline_scenarios(model):
+                    time.sleep(0.5)
+                    body, content_type = load.write_body(s, b"", workdir)
+                    run = load.measure(server, s, body, content_type, args.duration, args.wrk_threads)
+                    run |= {"server": name, "ready_s": server.ready_s, "memory_mib": server.memory_mb()}
+                    runs.append(run)
+                    say(f"  {name:8} {s.request:12} c={s.concurrency:<3} {run['images_per_s']:9.1f} images/s  "
+                        f"p50 {run['latency_ms']['p50']:8.1f} ms  p99 {run['latency_ms']['p99']:8.1f} ms  "
+                        f"errors {run['non_2xx'] + sum(run['socket_errors'].values())}")
+        except (RuntimeError, OSError) as exc:  # LitServe not installed, say: the others still count
+            say(f"baseline {name} did not run: {str(exc)[-600:]}")
+    return runs
+
+
 def write_results(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """bench/results/<timestamp>-<host>.json and latest.md, each written whole or not at all."""
     out.mkdir(parents=True, exist_ok=True)
@@ -209,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "ceiling": [],
         "service": [],
         "targets": [],
+        "baselines": [],
     }
     if "faces" not in models:
         say("no faces model: the targets, which are about faces, are skipped")
@@ -216,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     # The models as the service loads them: the same dtype, the same CUDA graphs (on a GPU).
     dtype, max_batch = pick_dtype(args.precision), Settings.model_fields["max_batch_size"].default
     sizes = graphs.batch_sizes(max_batch) if args.cuda_graphs == "on" else ()
-    workloads = {name: ceiling.Workload.load(artifact, device, dtype, sizes) for name, artifact in artifacts.items()}
-    if args.only != "service":
+    workloads = {name: ceiling.Workload.load(artifact, device, dtype, sizes) for name, artifact in artifacts.items()
+                 if args.only != "baselines"}
+    if args.only not in ("service", "baselines"):
         for threads_setting in args.threads:
             for name, workload in workloads.items():
                 rows = ceiling.measure_model(workload, BATCHES, threads_setting, args.min_time)
@@ -225,13 +260,16 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"ceiling {name} threads={rows[0].threads}: " + ", ".join(
                     f"{r.mode}@{r.batch} {r.images_per_s:.0f}/s" for r in rows if r.batch in (1, 64)))
 
-    if args.only != "ceiling":
-        with tempfile.TemporaryDirectory(prefix="vae-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vae-bench-") as tmp:
+        if args.only in (None, "service"):
             for threads_setting in args.threads:
                 service = measure_service(args, models, workloads, threads_setting, Path(tmp))
                 report.add_ratios(service, results["ceiling"])
                 results["service"].append(service)
                 results["targets"] += [t.as_dict() for t in report.targets(service, results["ceiling"])]
+        if args.only in (None, "baselines"):
+            model = report.TARGET_MODEL if report.TARGET_MODEL in models else models[0]
+            results["baselines"] = measure_baselines(args, model, Path(tmp))
 
     results["machine"]["load_average_end"] = list(os.getloadavg())
     json_path, md_path = write_results(results, args.out)

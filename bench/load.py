@@ -59,6 +59,11 @@ def scenarios(models: list[str]) -> list[Scenario]:
     return out
 
 
+def baseline_scenarios(model: str) -> list[Scenario]:
+    """What the general-purpose baselines (bench/baselines.py) serve: one PNG per request."""
+    return [Scenario(model, "sample", 1, c) for c in (1, 8, 64)]
+
+
 def warm_up_scenarios(models: list[str]) -> list[Scenario]:
     """Short runs before anything is timed: between them they produce every batch size from 1 to 64, so
     TorchScript's first-run specialisation and the allocator's growth are paid up front."""

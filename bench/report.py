@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -221,6 +222,30 @@ def service_table(service: dict[str, Any]) -> list[str]:
     return _table(header, "llrrrrrllrrrr", rows)
 
 
+def _default_threads_service(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The service run at torch's default threads: what the baselines, which set none, are compared with."""
+    default = results["machine"]["torch_default_threads"]
+    return next((s for s in results["service"] if s["threads_setting"] in (0, default)), None)
+
+
+def baselines_table(results: dict[str, Any]) -> list[str]:
+    service = _default_threads_service(results)
+    rows = []
+    for run in results.get("baselines", []):
+        ours = find_runs(service, run["model"], run["request"], run["concurrency"]) if service else []
+        ours_ips = statistics.median(r["images_per_s"] for r in ours) if ours else None
+        ours_p50 = statistics.median(r["latency_ms"]["p50"] for r in ours) if ours else None
+        rows.append([
+            run["server"], run["model"], run["request"], str(run["concurrency"]), num(run["images_per_s"]),
+            num(run["latency_ms"]["p50"]), num(run["latency_ms"]["p99"]), _errors(run), num(ours_ips), num(ours_p50),
+            f"{ours_ips / run['images_per_s']:.1f}x" if ours_ips and run["images_per_s"] else "-",
+            num(run["server_cpu_cores"], 2), num(run["ready_s"], 2), num(run["memory_mib"]["rss"], 0),
+        ])
+    header = ["server", "model", "request", "conc.", "images/s", "p50 ms", "p99 ms", "errors", "vae-serve images/s",
+              "vae-serve p50 ms", "vae-serve vs it", "server CPU", "ready s", "RSS MiB"]
+    return _table(header, "lllrrrrlrrrrrr", rows)
+
+
 def target_table(items: list[dict[str, Any]]) -> list[str]:
     rows = []
     for t in items:
@@ -253,11 +278,9 @@ def markdown(results: dict[str, Any]) -> str:
         "CPUs during a measurement (`other CPU`)"
         + (": **the machine was not quiet; rerun before comparing or judging a target**." if busiest > QUIET_OTHER_CPU
            else "."),
-        "",
-        "## Ceiling: in-process images/s (one Python thread, no HTTP)",
-        "",
-        *ceiling_table(results["ceiling"]),
     ]
+    if results["ceiling"]:
+        lines += ["", "## Ceiling: in-process images/s (one Python thread, no HTTP)", "", *ceiling_table(results["ceiling"])]
     for service in results["service"]:
         mem = service["memory_mib"]
         default = " (torch's default)" if not service["threads_setting"] else ""
@@ -273,4 +296,11 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     if results["targets"]:
         lines += ["", "## Targets", "", *target_table(results["targets"])]
+    if results.get("baselines"):
+        lines += [
+            "", "## General-purpose servers, same model, same PNGs (bench/baselines.py)", "",
+            "Each started fresh with torch's default threads; `vae-serve` columns: the service at the same threads "
+            "(the median where a scenario ran more than once).", "",
+            *baselines_table(results),
+        ]
     return "\n".join(lines) + "\n"

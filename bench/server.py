@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +76,7 @@ class Server:
     url: str
     ready_s: float
     log_path: Path
+    metrics: bool = True  # serves vae-serve's /metrics (the baselines do not)
 
     @property
     def pid(self) -> int:
@@ -97,6 +98,8 @@ class Server:
 
     def counters(self) -> dict[tuple[str, str, str], float]:
         """(metric sample name, model, op) -> value for the batcher's histograms' _sum and _count."""
+        if not self.metrics:
+            return {}
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
         out: dict[tuple[str, str, str], float] = {}
         for family in text_string_to_metric_families(text):
@@ -137,9 +140,11 @@ def batcher_stats(
 
 @contextmanager
 def running_server(
-    model_dir: Path, env: dict[str, str], log_path: Path, ready_timeout_s: float = 120
+    model_dir: Path, env: dict[str, str], log_path: Path, ready_timeout_s: float = 120,
+    command: Callable[[int], list[str]] | None = None, ready_path: str = "/readyz",
 ) -> Iterator[Server]:
-    """Start the server; yield it once /readyz is 200 (ready_s counts from just before the process starts).
+    """Start the server (vae-serve, or `command(port)`); yield it once `ready_path` answers 200 (ready_s counts
+    from just before the process starts).
 
     The bench's own VAE_* variables replace any in the caller's environment, so a stray VAE_API_KEY or
     VAE_MAX_BATCH_SIZE cannot change what is measured without being recorded."""
@@ -149,21 +154,23 @@ def running_server(
     url = f"http://127.0.0.1:{port}"
     log = log_path.open("wb")
     started = time.perf_counter()
-    process = subprocess.Popen(server_command(), env=environment, stdout=log, stderr=subprocess.STDOUT)
+    argv = server_command() if command is None else command(port)
+    process = subprocess.Popen(argv, env=environment, stdout=log, stderr=subprocess.STDOUT)
     try:
         with httpx.Client(timeout=1) as client:
             while True:
                 if process.poll() is not None:
                     raise RuntimeError(f"the server exited with {process.returncode}:\n{_tail(log_path)}")
                 try:
-                    if client.get(f"{url}/readyz").status_code == 200:
+                    if client.get(url + ready_path).status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
                 if time.perf_counter() - started > ready_timeout_s:
                     raise RuntimeError(f"the server was not ready within {ready_timeout_s:g} s:\n{_tail(log_path)}")
                 time.sleep(0.01)
-        yield Server(process=process, url=url, ready_s=time.perf_counter() - started, log_path=log_path)
+        yield Server(process=process, url=url, ready_s=time.perf_counter() - started, log_path=log_path,
+                     metrics=command is None)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)  # the server drains and exits on its own
