@@ -3,6 +3,7 @@ time, resident memory and CPU from /proc, and its own Prometheus counters."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -155,7 +156,8 @@ def running_server(
     log = log_path.open("wb")
     started = time.perf_counter()
     argv = server_command() if command is None else command(port)
-    process = subprocess.Popen(argv, env=environment, stdout=log, stderr=subprocess.STDOUT)
+    # A session of its own: what the server started (LitServe's worker processes) is stopped with it below.
+    process = subprocess.Popen(argv, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with httpx.Client(timeout=1) as client:
             while True:
@@ -179,4 +181,6 @@ def running_server(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        with contextlib.suppress(ProcessLookupError):  # none left: vae-serve's workers stop with it
+            os.killpg(process.pid, signal.SIGKILL)
         log.close()
