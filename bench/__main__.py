@@ -170,6 +170,7 @@ def measure_baselines(args: argparse.Namespace, model: str, workdir: Path) -> li
     each started fresh with torch's default threads and warmed up like the service."""
     model_dir = (args.models_dir / model).resolve()
     env = dict(item.split("=", 1) for item in args.env)  # OMP_NUM_THREADS and the like apply to them too
+    bodies = {s: load.write_body(s, b"", workdir) for s in load.baseline_scenarios(model)}  # no uploads: /sample
     runs = []
     for name in baselines.BASELINES:
         def command(port: int, name: str = name) -> list[str]:
@@ -177,15 +178,12 @@ def measure_baselines(args: argparse.Namespace, model: str, workdir: Path) -> li
 
         log_path = workdir / f"baseline-{name}.log"
         try:
-            server_cm = running_server(model_dir, env, log_path, command=command, ready_path=baselines.HEALTH_PATH)
-            with server_cm as server:
+            with running_server(model_dir, env, log_path, command=command, ready_path=baselines.HEALTH_PATH) as server:
                 say(f"baseline {name}: ready in {server.ready_s:.2f} s (pid {server.pid})")
-                for s in load.baseline_scenarios(model):
-                    body, content_type = load.write_body(s, b"", workdir)
+                for s, (body, content_type) in bodies.items():  # warm-up, as the service's
                     load.run_wrk(f"{server.url}/{s.endpoint}", body, content_type, s.accept, s.concurrency, 1.0)
-                for s in load.baseline_scenarios(model):
+                for s, (body, content_type) in bodies.items():
                     time.sleep(0.5)
-                    body, content_type = load.write_body(s, b"", workdir)
                     run = load.measure(server, s, body, content_type, args.duration, args.wrk_threads)
                     run |= {"server": name, "ready_s": server.ready_s, "memory_mib": server.memory_mb()}
                     runs.append(run)

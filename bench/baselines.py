@@ -67,6 +67,12 @@ def fastapi_app(model_dir: Path, device: str) -> FastAPI:
     return app
 
 
+def command(server: str, model_dir: Path, device: str, port: int, python: str) -> list[str]:
+    """How the bench starts one baseline (bench/__main__.py)."""
+    return [python, "-m", "bench.baselines", server, "--model-dir", str(model_dir), "--port", str(port),
+            "--device", device]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.baselines", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,11 +89,5 @@ def main(argv: list[str] | None = None) -> None:
         litserve_baseline.run(args.model_dir, args.device, args.port)
 
 
-def command(server: str, model_dir: Path, device: str, port: int, python: str) -> list[str]:
-    return [python, "-m", "bench.baselines", server, "--model-dir", str(model_dir), "--port", str(port),
-            "--device", device]
-
-
 if __name__ == "__main__":
     main()
-
