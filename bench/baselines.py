@@ -7,8 +7,8 @@
 
 Both answer `POST /sample` with vae-serve's JSON body (`{"model": ..., "n": 1}`) with one PNG, and do the same
 work for it: the model loaded by `repository.load_model` (vae-serve's layout and precision; no CUDA graphs,
-which a general-purpose server does not capture), the same uint8 conversion and the same PNG encoder. What
-differs is the serving.
+which a general-purpose server does not capture), called through the decode batcher's own `batcher.compute`
+(output checks and uint8 conversion), and the same PNG encoder. What differs is the serving.
 
     python -m bench.baselines fastapi --model-dir models/faces --port 8001 [--device auto]
 """
@@ -25,7 +25,7 @@ import uvicorn
 from fastapi import FastAPI, Response
 from pydantic import BaseModel, Field
 
-from service import imaging
+from service import batcher, imaging
 from service.repository import load_model, pick_device
 
 BASELINES = ("fastapi", "litserve")
@@ -37,22 +37,22 @@ class SampleRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)  # one image per request: the scenarios they are compared on
 
 
-def load_decoder(model_dir: Path, device: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
-    """The model's decode as vae-serve calls it on a batch, and its latent size."""
+def load_decoder(model_dir: Path, device: str) -> tuple[Callable[[torch.Tensor], np.ndarray], int]:
+    """Latents (B, latent_dim) -> uint8 pixels (B, H, W, C) on the host, by the decode batcher's own model call
+    (`batcher.compute`, as the ceiling times it), and the model's latent size."""
     served = load_model(model_dir, pick_device(device), graph_sizes=())
     if not served.ready or served.artifact is None:
         raise SystemExit(f"{model_dir} does not load: {served.error}")
-    return served.predictor("decode"), served.artifact.latent_dim
+    predict = served.predictor("decode")
 
+    def draw(z: torch.Tensor) -> np.ndarray:
+        return batcher.compute(served.name, predict, imaging.quantize, z)[0].numpy()
 
-def draw(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> np.ndarray:
-    """Latents (B, latent_dim) -> uint8 pixels (B, H, W, C) on the host."""
-    with torch.inference_mode():
-        return imaging.quantize(decode(z)).cpu().numpy()
+    return draw, served.artifact.latent_dim
 
 
 def fastapi_app(model_dir: Path, device: str) -> FastAPI:
-    decode, latent_dim = load_decoder(model_dir, device)
+    draw, latent_dim = load_decoder(model_dir, device)
     app = FastAPI()
 
     @app.get(HEALTH_PATH)
@@ -61,7 +61,7 @@ def fastapi_app(model_dir: Path, device: str) -> FastAPI:
 
     @app.post("/sample")
     def sample(request: SampleRequest) -> Response:  # a plain def: FastAPI runs it in its thread pool
-        pixels = draw(decode, torch.randn(1, latent_dim))
+        pixels = draw(torch.randn(1, latent_dim))
         return Response(imaging.png_bytes(pixels[0]), media_type="image/png")
 
     return app

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from fastapi import Response
 
-from bench.baselines import SampleRequest, draw, load_decoder
+from bench.baselines import SampleRequest, load_decoder
 from service import imaging
 from service.repository import pick_device
 from service.settings import Settings
@@ -22,7 +22,7 @@ class LitVAE(litserve.LitAPI):  # type: ignore[misc]
         self.model_dir = model_dir
 
     def setup(self, device: str) -> None:
-        self.decode, self.latent_dim = load_decoder(self.model_dir, device)
+        self.draw, self.latent_dim = load_decoder(self.model_dir, device)
 
     def decode_request(self, request: SampleRequest) -> torch.Tensor:
         return torch.randn(self.latent_dim)
@@ -31,7 +31,7 @@ class LitVAE(litserve.LitAPI):  # type: ignore[misc]
         return torch.stack(inputs)
 
     def predict(self, z: torch.Tensor) -> np.ndarray:
-        return draw(self.decode, z)
+        return self.draw(z)
 
     def unbatch(self, output: np.ndarray) -> list[np.ndarray]:
         return list(output)
