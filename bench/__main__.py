@@ -23,7 +23,7 @@ import torch
 
 from bench import baselines, ceiling, load, report
 from bench.server import running_server
-from service import graphs
+from service import cpus, graphs
 from service.artifact import ArtifactError, read_artifact
 from service.repository import discover, pick_device, pick_dtype
 from service.settings import Settings
@@ -100,7 +100,7 @@ def machine(device: torch.device) -> dict[str, Any]:
         "host": socket.gethostname(),
         "cpu_model": names[0] if names else platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpus_usable": cpus.affinity_cpus(),  # the mask alone, as before: a CPU quota is not recorded
         "memory_gib": memory_kib / 2**20,
         "torch": torch.__version__,
         "torch_default_threads": ceiling.DEFAULT_THREADS,

@@ -30,8 +30,13 @@ def cgroup_cpu_limit(root: Path = CGROUP) -> float | None:
         return None  # no cgroup files (macOS, a bare host) or unreadable ones: no quota known
 
 
+def affinity_cpus() -> int:
+    """The CPUs in this process's affinity mask (all of the host's where the OS has no such mask)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def usable_cpus(root: Path = CGROUP) -> int:
     """The CPUs in the affinity mask, or fewer where a quota allows fewer (rounded up: 1.5 CPUs is 2 threads)."""
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    affinity = affinity_cpus()
     limit = cgroup_cpu_limit(root)
     return max(1, min(affinity, math.ceil(limit))) if limit else affinity
