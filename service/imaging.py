@@ -40,31 +40,59 @@ def grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
 _PNG_COLOR_TYPE = {1: 0, 3: 2}  # channels -> PNG colour type: greyscale, RGB
 _PNG_FILTER_UP = 2
+_ZLIB_HEADER = b"\x78\x01"  # deflate with a 32 KiB window, the fastest level: as zlib writes it for level 1
 
 
-def png_bytes(image: np.ndarray, compress_level: int = 1) -> bytes:
+def png_bytes(image: np.ndarray, compress_level: int = 1, strategy: int = zlib.Z_RLE) -> bytes:
     """uint8 (H, W, C) with C in 1|3 -> PNG bytes, every row with the "Up" filter.
 
     Written here rather than by Pillow: Pillow tries every filter on every row, which for a 96x96 decoder
-    output takes 0.65 ms; one fixed filter and zlib take 0.19 ms for files 6% larger, and zlib releases
-    the GIL while it compresses. Level 1: small decoder outputs gain little from more."""
+    output takes 0.65 ms; one fixed filter and zlib take a fraction of that, and zlib releases the GIL while it
+    compresses. Deflate in run-length mode (`Z_RLE`, libpng's fast choice): after the filter a decoder's output
+    repeats little beyond runs of one value, and on the shipped models' outputs it beat level 1 in time and size
+    (medians of 25 interleaved rounds: a faces image 0.48 -> 0.37 ms, 15.3 -> 14.6 KB; an 8x8 grid of faces 30.0
+    -> 22.6 ms, 1.00 -> 0.95 MB; an 8x8 grid of digits 0.72 -> 0.50 ms; one digit the same). Where size matters
+    more than time, pass a higher level with `strategy=zlib.Z_DEFAULT_STRATEGY`."""
+    rows = png_rows(image)
+    deflate = zlib.compressobj(compress_level, strategy=strategy)
+    return _png_file(image.shape, deflate.compress(rows.data) + deflate.flush())
+
+
+def png_rows(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, C) -> the PNG's scanlines, (H, 1 + W * C): each row's filter byte, then the row "Up"-filtered."""
     height, width, channels = image.shape
     rows = np.ascontiguousarray(image).reshape(height, width * channels)
     scanlines = np.empty((height, 1 + width * channels), dtype=np.uint8)
     scanlines[:, 0] = _PNG_FILTER_UP
     scanlines[0, 1:] = rows[0]  # the row above the first is zeros
     np.subtract(rows[1:], rows[:-1], out=scanlines[1:, 1:])  # modulo 256, as the filter is defined
+    return scanlines
+
+
+def deflate_rows(rows: np.ndarray, last: bool) -> bytes:
+    """Some consecutive scanlines of `png_rows`, compressed as `png_bytes` compresses them, for `png_from_parts`. Each
+    part but the last ends on a byte boundary without ending the stream (a sync flush), so that parts compressed
+    apart, on several threads at once, join into one deflate stream."""
+    deflate = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS, strategy=zlib.Z_RLE)  # raw: no header or checksum
+    return deflate.compress(rows.data) + deflate.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+
+def png_from_parts(shape: tuple[int, ...], parts: list[bytes], adler: int) -> bytes:
+    """The PNG of an image of `shape` (H, W, C) from its `deflate_rows` parts in order, and `adler`, the zlib.adler32
+    of all its `png_rows`."""
+    return _png_file(shape, b"".join((_ZLIB_HEADER, *parts, struct.pack(">I", adler))))
+
+
+def _png_file(shape: tuple[int, ...], idat: bytes) -> bytes:
+    height, width, channels = shape
     header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOR_TYPE[channels], 0, 0, 0)
     return b"".join((
-        b"\x89PNG\r\n\x1a\n",
-        _png_chunk(b"IHDR", header),
-        _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), compress_level)),
-        _png_chunk(b"IEND", b""),
+        b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", idat), _png_chunk(b"IEND", b""),
     ))
 
 

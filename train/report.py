@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +16,7 @@ from service.imaging import grid, png_bytes, to_uint8
 
 
 def _save(images: Tensor, path: Path, columns: int | None = None) -> None:
-    path.write_bytes(png_bytes(grid(to_uint8(images), columns), compress_level=6))
+    path.write_bytes(png_bytes(grid(to_uint8(images), columns), compress_level=6, strategy=zlib.Z_DEFAULT_STRATEGY))
 
 
 def _pca_2d(points: Tensor) -> Tensor:

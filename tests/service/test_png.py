@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import itertools
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from service.imaging import png_bytes
+from service.imaging import deflate_rows, png_bytes, png_from_parts, png_rows
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (28, 28, 1), (7, 2, 1), (1, 1, 3), (3, 5, 3), (96, 96, 3)])
@@ -21,10 +24,37 @@ def test_a_png_reads_back_as_the_same_pixels_in_greyscale_or_rgb(shape: tuple[in
     assert np.array_equal(np.asarray(image).reshape(shape), pixels)
 
 
-def test_any_memory_layout_and_compression_level_give_the_same_image() -> None:
+def test_any_memory_layout_compression_level_and_strategy_give_the_same_image() -> None:
     pixels = np.random.default_rng(0).integers(0, 256, (32, 24, 3), dtype=np.uint8)
     flipped = pixels[::-1, ::2]  # a strided view
-    for level in (0, 1, 9):
-        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(flipped, level)))), flipped)
+    for level, strategy in itertools.product((0, 1, 9), (zlib.Z_RLE, zlib.Z_DEFAULT_STRATEGY)):
+        data = png_bytes(flipped, level, strategy)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), flipped)
     smooth = np.tile(np.arange(64, dtype=np.uint8)[:, None, None], (1, 64, 3))
     assert len(png_bytes(smooth)) < smooth.size / 10  # the filter and zlib do compress
+
+
+def _idat(png: bytes) -> bytes:
+    """The concatenated IDAT data of a PNG file."""
+    data, at = b"", 8
+    while at < len(png):
+        (length,), kind = struct.unpack(">I", png[at : at + 4]), png[at + 4 : at + 8]
+        data += png[at + 8 : at + 8 + length] if kind == b"IDAT" else b""
+        at += 12 + length
+    return data
+
+
+@pytest.mark.parametrize("parts", [1, 2, 5])
+def test_rows_deflated_in_parts_join_into_one_valid_png(parts: int) -> None:
+    """Large PNGs are compressed in parts on several threads: joined, they are one zlib stream, checksum included."""
+    pixels = np.random.default_rng(parts).integers(0, 256, (61, 40, 3), dtype=np.uint8)
+    pixels[20:40] = 7  # runs, which run-length deflate turns into matches
+    rows = png_rows(pixels)
+    chunks = np.array_split(rows, parts)
+    deflated = [deflate_rows(chunk, last=i == parts - 1) for i, chunk in enumerate(chunks)]
+    data = png_from_parts(pixels.shape, deflated, zlib.adler32(rows.data))
+    Image.open(io.BytesIO(data)).verify()
+    assert zlib.decompress(_idat(data)) == rows.tobytes()  # zlib checks the Adler-32 at the end
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
+    if parts == 1:
+        assert data == png_bytes(pixels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from service import runtime
+from service import imaging, runtime
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.settings import Settings
@@ -94,6 +95,30 @@ async def test_the_only_request_in_progress_encodes_its_small_images_without_the
     assert grid == pngs[0]
     with pytest.raises(RuntimeError, match="shutdown"):  # large images still go to the threads, even alone
         await Runtime.pngs(alone, torch.zeros(2, 256, 256, 3, dtype=torch.uint8))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("count, size", [(64, 48), (1, 320)])
+async def test_a_large_png_is_deflated_in_parts_on_the_image_threads_and_is_the_same_image(
+    count: int, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grid of 64 images, or one large image (then the image itself, not a grid of one)."""
+    images = torch.randint(0, 256, (count, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[:, : size // 2] = 9  # flat halves, as decoders draw backgrounds
+    deflated_on: list[str] = []
+    deflate_rows = imaging.deflate_rows
+
+    def spy(rows: np.ndarray, last: bool) -> bytes:
+        deflated_on.append(threading.current_thread().name)
+        return deflate_rows(rows, last)
+
+    monkeypatch.setattr(imaging, "deflate_rows", spy)
+    with ThreadPoolExecutor(2, thread_name_prefix="image") as pool:
+        server = SimpleNamespace(image_threads=pool, active=2)
+        server._png_in_parts = functools.partial(Runtime._png_in_parts, server)
+        png = await Runtime.grid_png(server, images, None)  # type: ignore[arg-type]
+    expected = images.numpy()[0] if count == 1 else imaging.grid(images.numpy())
+    assert np.array_equal(np.asarray(decode_png(png)), expected)
+    assert len(deflated_on) >= 2 and all(name.startswith("image") for name in deflated_on)
 
 
 async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left_for_the_pngs(
