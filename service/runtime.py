@@ -41,7 +41,7 @@ USABLE_CPUS = cpus.usable_cpus()  # the affinity mask, capped by a container's C
 # a container limited to 2 of 64 cores would otherwise split every answer's PNGs 64 ways.
 IMAGE_THREADS = max(2, USABLE_CPUS)
 INLINE_PNG_BYTES = 64 * 1024  # uint8 pixels a lone request may encode on the event loop: a 96x96 RGB image is 27 KiB
-PNG_PART_BYTES = 128 * 1024  # a grid of at least two parts' pixels is compressed in parts of at least this on the image threads
+PNG_PART_BYTES = 128 * 1024  # a PNG of two of these or more (in pixels) is deflated on the image threads in parts of this or more
 
 
 class UnknownModel(LookupError):
