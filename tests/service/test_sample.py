@@ -6,6 +6,7 @@ import asyncio
 import base64
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -61,6 +62,18 @@ async def test_same_seed_same_bytes_even_under_concurrent_load(client: httpx.Asy
     results = await asyncio.gather(*noise, *(client.post("/sample", json=request) for _ in range(5)))
     assert all(r.status_code == 200 for r in results)
     assert all(r.content == alone for r in results[-5:])
+
+
+async def test_a_grid_holds_the_images_the_same_seed_gives_as_json(client: httpx.AsyncClient) -> None:
+    """256 tiles of 32x32 RGB: a PNG large enough to be compressed in parts on several threads."""
+    request = {"model": "faces", "n": 256, "seed": 3}
+    grid = np.asarray(decode_png((await client.post("/sample", json=request)).content))
+    answer = await client.post("/sample", json=request, headers={"accept": "application/json"})
+    images = [np.asarray(decode_png(base64.b64decode(i))) for i in answer.json()["images"]]
+    assert grid.shape == (16 * 34 + 2, 16 * 34 + 2, 3)
+    for i, image in enumerate(images):
+        top, left = 2 + (i // 16) * 34, 2 + (i % 16) * 34
+        assert np.array_equal(grid[top : top + 32, left : left + 32], image)
 
 
 async def test_temperature_zero_is_rejected(client: httpx.AsyncClient) -> None:
