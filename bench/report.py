@@ -284,7 +284,7 @@ def markdown(results: dict[str, Any]) -> str:
     for service in results["service"]:
         mem = service["memory_mib"]
         default = " (torch's default)" if not service["threads_setting"] else ""
-        starts = f" ({_ready_starts(service)})" if _ready_starts(service) else ""
+        starts = f" ({detail})" if (detail := _ready_starts(service)) else ""
         lines += [
             "",
             f"## Service, VAE_TORCH_THREADS={service['threads_setting']}{default}",
