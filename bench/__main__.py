@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for item in args.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", item):
             p.error(f"--env takes NAME=VALUE, not {item!r}")
+    args.extra_env = dict(item.split("=", 1) for item in args.env)  # for the service and the baselines alike
     return args
 
 
@@ -120,7 +121,7 @@ def measure_service(args: argparse.Namespace, models: list[str], workloads: dict
     --repeat N the server is then started N-1 more times, to time its start-up alone."""
     env = {"VAE_TORCH_THREADS": str(threads_setting), "VAE_DEVICE": args.device, "VAE_PRECISION": args.precision,
            "VAE_CUDA_GRAPHS": "true" if args.cuda_graphs == "on" else "false"}
-    env |= dict(item.split("=", 1) for item in args.env)
+    env |= args.extra_env
     uploads = {name: w.upload for name, w in workloads.items()}
     bodies = {s: load.write_body(s, uploads[s.model], workdir) for s in load.scenarios(models)}
     bodies |= {s: load.write_body(s, uploads[s.model], workdir) for s in load.warm_up_scenarios(models)}
@@ -169,7 +170,7 @@ def measure_baselines(args: argparse.Namespace, model: str, workdir: Path) -> li
     """The same `sample n=1` scenarios as the service, against each general-purpose baseline (bench/baselines.py),
     each started fresh with torch's default threads and warmed up like the service."""
     model_dir = (args.models_dir / model).resolve()
-    env = dict(item.split("=", 1) for item in args.env)  # OMP_NUM_THREADS and the like apply to them too
+    env = dict(args.extra_env)  # OMP_NUM_THREADS and the like apply to them too
     bodies = {s: load.write_body(s, b"", workdir) for s in load.baseline_scenarios(model)}  # no uploads: /sample
     runs = []
     for name in baselines.BASELINES:
