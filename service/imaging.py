@@ -45,10 +45,11 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 _PNG_COLOR_TYPE = {1: 0, 3: 2}  # channels -> PNG colour type: greyscale, RGB
 _PNG_FILTER_UP = 2
-_ZLIB_HEADER = b"\x78\x01"  # deflate with a 32 KiB window, the fastest level: as zlib writes it for level 1
+_LEVEL, _STRATEGY = 1, zlib.Z_RLE  # the service's PNGs, whole (png_bytes) or in parts (deflate_rows): see png_bytes
+_ZLIB_HEADER = b"\x78\x01"  # deflate with a 32 KiB window, the fastest level: as zlib writes it for _LEVEL 1
 
 
-def png_bytes(image: np.ndarray, compress_level: int = 1, strategy: int = zlib.Z_RLE) -> bytes:
+def png_bytes(image: np.ndarray, compress_level: int = _LEVEL, strategy: int = _STRATEGY) -> bytes:
     """uint8 (H, W, C) with C in 1|3 -> PNG bytes, every row with the "Up" filter.
 
     Written here rather than by Pillow: Pillow tries every filter on every row, which for a 96x96 decoder
@@ -78,7 +79,7 @@ def deflate_rows(rows: np.ndarray, last: bool) -> bytes:
     """Some consecutive scanlines of `png_rows`, compressed as `png_bytes` compresses them, for `png_from_parts`. Each
     part but the last ends on a byte boundary without ending the stream (a sync flush), so that parts compressed
     apart, on several threads at once, join into one deflate stream."""
-    deflate = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS, strategy=zlib.Z_RLE)  # raw: no header or checksum
+    deflate = zlib.compressobj(_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS, strategy=_STRATEGY)  # raw: no header or checksum
     return deflate.compress(rows.data) + deflate.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
 
 
