@@ -69,6 +69,14 @@ class Lanes:
                 if waiter in self._waiting:
                     self._waiting.remove(waiter)
 
+    def take_now(self) -> ThreadPoolExecutor | None:
+        """The model thread, if nothing computes and no batch waits for a thread; else None. A lone request takes it
+        at once, past its batcher's collector (`Batcher.parts`)."""
+        if self.idle and not self._waiting:
+            self._solo_busy = True
+            return self.model_thread
+        return None
+
     def kind(self, thread: ThreadPoolExecutor) -> str:
         """What the metrics call `thread`: "model" or "lane"."""
         return "model" if thread is self.model_thread else "lane"

@@ -164,7 +164,7 @@ class Runtime:
 
     async def decode(self, name: str, z: Tensor) -> Tensor:
         """Latents (N, latent_dim) -> uint8 images (N, H, W, C), ready for PNG encoding."""
-        (images,) = await self.decoders[name].submit(z, self.settings.request_timeout_s)
+        (images,) = await self.decoders[name].submit(z, self.settings.request_timeout_s, alone=self.active <= 1)
         self.metrics.images.labels(name).inc(len(images))
         return images
 
@@ -181,7 +181,8 @@ class Runtime:
         part_size = max(1, decoder.max_batch_size // 2) if in_parts else decoder.max_batch_size
         encoding: list[asyncio.Task[list[bytes]]] = []
         try:
-            async with contextlib.aclosing(decoder.parts(z, self.settings.request_timeout_s, part_size)) as parts:
+            parts_of_z = decoder.parts(z, self.settings.request_timeout_s, part_size, alone=self.active <= 1)
+            async with contextlib.aclosing(parts_of_z) as parts:
                 async for (images,) in parts:
                     self.metrics.images.labels(name).inc(len(images))
                     encoding.append(asyncio.ensure_future(self.pngs(images)))
@@ -191,7 +192,7 @@ class Runtime:
                 task.cancel()  # a part failed or timed out: the answer is an error, the PNGs are not needed
 
     async def encode(self, name: str, x: Tensor) -> tuple[Tensor, Tensor]:
-        mu, log_var = await self.encoders[name].submit(x, self.settings.request_timeout_s)
+        mu, log_var = await self.encoders[name].submit(x, self.settings.request_timeout_s, alone=self.active <= 1)
         return mu, log_var
 
     async def encode_uploads(self, model: ServedModel, files: list[bytes], invert: bool | None) -> tuple[Tensor, Tensor]:

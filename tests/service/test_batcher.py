@@ -31,9 +31,9 @@ class Recorder:
         return x * 2
 
 
-def make(predict, **overrides) -> Batcher:  # type: ignore[no-untyped-def]
+def make(predict, metrics: Metrics | None = None, **overrides) -> Batcher:  # type: ignore[no-untyped-def]
     options = {"max_batch_size": 8, "max_wait_s": 0.005, "queue_size": 64} | overrides
-    b = Batcher("m", "decode", predict, Lanes(ThreadPoolExecutor(1)), Metrics(), **options)
+    b = Batcher("m", "decode", predict, Lanes(ThreadPoolExecutor(1)), metrics or Metrics(), **options)
     b.start()
     return b
 
@@ -45,6 +45,85 @@ async def test_a_lone_request_runs_at_once_and_gets_its_own_rows() -> None:
     assert out.squeeze(1).tolist() == [0.0, 2.0, 4.0]
     assert rec.sizes == [3]
     await b.stop()
+
+
+async def test_the_only_request_in_progress_runs_past_the_queue_and_is_counted_like_any_batch() -> None:
+    rec, metrics = Recorder(), Metrics()
+    b = make(rec, metrics)
+    (out,) = await b.submit(torch.arange(3.0)[:, None], timeout_s=5, alone=True)
+    assert out.squeeze(1).tolist() == [0.0, 2.0, 4.0] and rec.sizes == [3]
+    value = metrics.registry.get_sample_value
+    assert value("vae_batches_total", {"model": "m", "op": "decode", "thread": "model"}) == 1.0
+    assert value("vae_batch_size_images_sum", {"model": "m", "op": "decode"}) == 3.0
+    assert value("vae_queue_wait_seconds_sum", {"model": "m"}) == 0.0
+    await b.stop()
+
+
+async def test_requests_that_come_while_a_lone_request_computes_queue_behind_it_and_share_a_batch() -> None:
+    rec = Recorder()
+    rec.release.clear()
+    b = make(rec)
+    first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=5, alone=True))
+    await asyncio.sleep(0.01)
+    # alone as far as their callers know, but a batch is computing: they queue
+    rest = [asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=5, alone=True)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    rec.release.set()
+    await asyncio.gather(first, *rest)
+    assert rec.sizes == [1, 3]
+    await b.stop()
+
+
+async def test_a_lone_request_past_its_deadline_gets_an_error_and_the_next_batch_waits_for_its_thread() -> None:
+    rec = Recorder()
+    rec.release.clear()
+    b = make(rec)
+    with pytest.raises(DeadlineExceeded):
+        await b.submit(torch.ones(1, 1), timeout_s=0.05, alone=True)
+    late = asyncio.create_task(b.submit(torch.full((1, 1), 3.0), timeout_s=5, alone=True))
+    await asyncio.sleep(0.05)
+    assert not late.done()  # the model thread still computes the first batch: one batch at a time
+    rec.release.set()
+    (out,) = await late
+    assert float(out[0]) == 6.0 and rec.sizes == [1, 1]
+    await b.stop()
+
+
+async def test_a_lone_request_whose_batch_fails_gets_a_500_error_and_the_failure_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        if (x < 0).any():
+            raise RuntimeError("boom")
+        return x
+
+    b = make(predict)
+    with pytest.raises(BatchFailed, match="RuntimeError"):
+        await b.submit(-torch.ones(2, 1), timeout_s=5, alone=True)
+    assert "a batch of 2 images failed" in caplog.text and "boom" in caplog.text
+    (out,) = await b.submit(torch.ones(2, 1), timeout_s=5, alone=True)
+    assert out.tolist() == [[1.0], [1.0]]
+    await b.stop()
+
+
+async def test_a_drain_waits_for_a_lone_request_and_a_stop_answers_one_still_computing() -> None:
+    rec = Recorder()
+    rec.release.clear()
+    b = make(rec)
+    running = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=5, alone=True))
+    await asyncio.sleep(0.01)
+    asyncio.get_running_loop().call_later(0.05, rec.release.set)
+    await b.drain(timeout_s=5)
+    assert float((await running)[0][0]) == 2.0
+
+    rec.release.clear()
+    b = make(rec)
+    stuck = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=5, alone=True))
+    await asyncio.sleep(0.01)
+    await b.drain(timeout_s=0.05)  # past its timeout: the batch may never finish, the request is answered now
+    with pytest.raises(NotServing):
+        await asyncio.wait_for(stuck, 1)
+    rec.release.set()
 
 
 async def test_concurrent_requests_share_a_batch_and_each_gets_its_own_answer() -> None:

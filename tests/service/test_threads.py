@@ -131,9 +131,9 @@ async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left
     part_sizes: list[int] = []
     parts = decoder.parts
 
-    def spy(inputs: torch.Tensor, timeout_s: float, part_size: int) -> object:
+    def spy(inputs: torch.Tensor, timeout_s: float, part_size: int, alone: bool) -> object:
         part_sizes.append(part_size)
-        return parts(inputs, timeout_s, part_size)
+        return parts(inputs, timeout_s, part_size, alone=alone)
 
     async def json_answer() -> None:
         body = {"model": "mnist", "n": decoder.max_batch_size}
