@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -106,6 +107,50 @@ async def test_under_load_batches_compute_on_the_lanes_at_once() -> None:
                for t in ("lane", "model")}
         assert ran == {"lane": 2.0, "model": 1.0}  # operators see where batches ran
     finally:
+        await b.stop()
+        lanes.shutdown()
+
+
+async def test_a_batch_for_a_lane_starts_with_what_is_queued_and_one_on_the_model_thread_waits_for_company() -> None:
+    hold = threading.Event()
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        if (x < 0).any():
+            hold.wait(5)
+        return x * 2
+
+    async def two_together(b: Batcher) -> None:  # queued together: each has company, then nothing more comes
+        await asyncio.gather(*(b.submit(torch.ones(1, 1), timeout_s=5) for _ in range(2)))
+
+    size = LANE_MIN_IMAGES
+    lanes = Lanes(ThreadPoolExecutor(1, thread_name_prefix="model"), single_thread_lanes(2))
+    b = Batcher("m", "decode", predict, lanes, Metrics(), max_batch_size=size, max_wait_s=10, queue_size=64)
+    b.start()
+    try:
+        held = [asyncio.create_task(b.submit(torch.full((size, 1), v), timeout_s=5)) for v in (-1.0, 1.0)]
+        await asyncio.sleep(0.05)  # both on the lanes; one lane held
+        await asyncio.wait_for(two_together(b), 2)  # a free lane does not wait 10 s for a full batch
+    finally:
+        hold.set()
+        await asyncio.gather(*held)
+        await b.stop()
+        lanes.shutdown()
+
+    hold.clear()
+    lanes = Lanes(ThreadPoolExecutor(1, thread_name_prefix="model"))
+    b = Batcher("m", "decode", predict, lanes, Metrics(), max_batch_size=size, max_wait_s=0.3, queue_size=64)
+    b.start()
+    try:
+        first = asyncio.create_task(b.submit(-torch.ones(1, 1), timeout_s=5))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(two_together(b))
+        await asyncio.sleep(0.05)
+        hold.set()
+        released = time.monotonic()
+        await asyncio.gather(first, waiting)
+        assert time.monotonic() - released >= 0.25  # the model thread's batch waited for more
+    finally:
+        hold.set()
         await b.stop()
         lanes.shutdown()
 
