@@ -303,7 +303,7 @@ class Batcher:
     def _wait_for_company(self, thread: ThreadPoolExecutor) -> float:
         """How long a batch for `thread` waits for more items: max_wait on the model thread, none on a lane. A lane runs
         one torch thread, whose images/s barely grow past a batch of 8, while a wait leaves its core idle: faces at 32
-        connections on 2 cores, 606 -> 646 images/s without it (bench/README.md). On the model thread (and on a GPU)
+        connections on 2 cores, 597 -> 651 images/s without it (bench/README.md). On the model thread (and on a GPU)
         a bigger batch is worth the wait."""
         return self.max_wait_s if thread is self._lanes.model_thread else 0.0
 

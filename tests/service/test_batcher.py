@@ -38,6 +38,13 @@ def make(predict, metrics: Metrics | None = None, **overrides) -> Batcher:  # ty
     return b
 
 
+def held(**overrides) -> tuple[Recorder, Batcher]:  # type: ignore[no-untyped-def]
+    """A batcher whose model calls wait until `rec.release` is set: requests pile up behind the first."""
+    rec = Recorder()
+    rec.release.clear()
+    return rec, make(rec, **overrides)
+
+
 async def test_a_lone_request_runs_at_once_and_gets_its_own_rows() -> None:
     rec = Recorder()
     b = make(rec)
@@ -60,9 +67,7 @@ async def test_the_only_request_in_progress_runs_past_the_queue_and_is_counted_l
 
 
 async def test_requests_that_come_while_a_lone_request_computes_queue_behind_it_and_share_a_batch() -> None:
-    rec = Recorder()
-    rec.release.clear()
-    b = make(rec)
+    rec, b = held()
     first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=5, alone=True))
     await asyncio.sleep(0.01)
     # alone as far as their callers know, but a batch is computing: they queue
@@ -75,9 +80,7 @@ async def test_requests_that_come_while_a_lone_request_computes_queue_behind_it_
 
 
 async def test_a_lone_request_past_its_deadline_gets_an_error_and_the_next_batch_waits_for_its_thread() -> None:
-    rec = Recorder()
-    rec.release.clear()
-    b = make(rec)
+    rec, b = held()
     with pytest.raises(DeadlineExceeded):
         await b.submit(torch.ones(1, 1), timeout_s=0.05, alone=True)
     late = asyncio.create_task(b.submit(torch.full((1, 1), 3.0), timeout_s=5, alone=True))
@@ -89,27 +92,8 @@ async def test_a_lone_request_past_its_deadline_gets_an_error_and_the_next_batch
     await b.stop()
 
 
-async def test_a_lone_request_whose_batch_fails_gets_a_500_error_and_the_failure_is_logged(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        if (x < 0).any():
-            raise RuntimeError("boom")
-        return x
-
-    b = make(predict)
-    with pytest.raises(BatchFailed, match="RuntimeError"):
-        await b.submit(-torch.ones(2, 1), timeout_s=5, alone=True)
-    assert "a batch of 2 images failed" in caplog.text and "boom" in caplog.text
-    (out,) = await b.submit(torch.ones(2, 1), timeout_s=5, alone=True)
-    assert out.tolist() == [[1.0], [1.0]]
-    await b.stop()
-
-
 async def test_a_drain_waits_for_a_lone_request_and_a_stop_answers_one_still_computing() -> None:
-    rec = Recorder()
-    rec.release.clear()
-    b = make(rec)
+    rec, b = held()
     running = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=5, alone=True))
     await asyncio.sleep(0.01)
     asyncio.get_running_loop().call_later(0.05, rec.release.set)
@@ -127,9 +111,7 @@ async def test_a_drain_waits_for_a_lone_request_and_a_stop_answers_one_still_com
 
 
 async def test_concurrent_requests_share_a_batch_and_each_gets_its_own_answer() -> None:
-    rec = Recorder()
-    rec.release.clear()  # hold the model thread so that requests pile up
-    b = make(rec)
+    rec, b = held()  # hold the model thread so that requests pile up
     first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=5))
     await asyncio.sleep(0.01)
     rest = [asyncio.create_task(b.submit(torch.full((1, 1), float(i)), timeout_s=5)) for i in range(1, 6)]
@@ -150,9 +132,7 @@ async def test_large_requests_are_split_so_no_batch_exceeds_the_limit() -> None:
 
 
 async def test_a_request_in_parts_gets_each_part_from_a_batch_of_its_own_in_order() -> None:
-    rec = Recorder()
-    rec.release.clear()  # everything is queued before the first batch runs: the parts still do not merge
-    b = make(rec)
+    rec, b = held()  # everything is queued before the first batch runs: the parts still do not merge
     parts = b.parts(torch.arange(10.0)[:, None], timeout_s=5, part_size=4)
     first = asyncio.ensure_future(anext(parts))
     await asyncio.sleep(0.01)
@@ -164,9 +144,7 @@ async def test_a_request_in_parts_gets_each_part_from_a_batch_of_its_own_in_orde
 
 
 async def test_other_requests_join_the_batch_of_a_part() -> None:
-    rec = Recorder()
-    rec.release.clear()
-    b = make(rec)
+    rec, b = held()
     busy = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=5))  # holds the model thread
     await asyncio.sleep(0.01)
     parts = b.parts(torch.ones(6, 1), timeout_s=5, part_size=3)
@@ -196,9 +174,7 @@ async def test_parts_left_unread_are_dropped_and_a_late_part_is_a_deadline_error
 
 
 async def test_a_full_queue_rejects_at_once() -> None:
-    rec = Recorder()
-    rec.release.clear()
-    b = make(rec, queue_size=4)
+    rec, b = held(queue_size=4)
     running = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=5))
     await asyncio.sleep(0.01)
     queued = asyncio.create_task(b.submit(torch.ones(4, 1), timeout_s=5))
@@ -211,9 +187,7 @@ async def test_a_full_queue_rejects_at_once() -> None:
 
 
 async def test_a_request_past_its_deadline_gets_an_error_not_a_hang() -> None:
-    rec = Recorder()
-    rec.release.clear()
-    b = make(rec)
+    rec, b = held()
     with pytest.raises(DeadlineExceeded):
         await b.submit(torch.ones(1, 1), timeout_s=0.05)
     rec.release.set()
@@ -222,7 +196,10 @@ async def test_a_request_past_its_deadline_gets_an_error_not_a_hang() -> None:
     await b.stop()
 
 
-async def test_a_failing_batch_fails_only_its_own_requests() -> None:
+@pytest.mark.parametrize("alone", [False, True])
+async def test_a_failing_batch_fails_only_its_own_requests_and_is_logged(
+    alone: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     def predict(x: torch.Tensor) -> torch.Tensor:
         if (x < 0).any():
             raise RuntimeError("boom")
@@ -230,8 +207,9 @@ async def test_a_failing_batch_fails_only_its_own_requests() -> None:
 
     b = make(predict)
     with pytest.raises(BatchFailed, match="RuntimeError"):
-        await b.submit(-torch.ones(2, 1), timeout_s=5)
-    (out,) = await b.submit(torch.ones(2, 1), timeout_s=5)
+        await b.submit(-torch.ones(2, 1), timeout_s=5, alone=alone)
+    assert "a batch of 2 images failed" in caplog.text and "boom" in caplog.text
+    (out,) = await b.submit(torch.ones(2, 1), timeout_s=5, alone=alone)
     assert out.tolist() == [[1.0], [1.0]]
     await b.stop()
 
@@ -277,9 +255,7 @@ async def test_outputs_are_finished_once_per_batch_on_the_model_thread_after_the
 
 
 async def test_after_stop_requests_are_refused_and_queued_ones_answered() -> None:
-    rec = Recorder()
-    rec.release.clear()
-    b = make(rec)
+    rec, b = held()
     running = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=5))
     await asyncio.sleep(0.01)
     queued = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=5))
