@@ -199,9 +199,13 @@ class Batcher:
         started = time.perf_counter()
         self._metrics.queue_seconds.labels(self.name).observe(0.0)
         loop = asyncio.get_running_loop()
+        try:
+            work = loop.run_in_executor(thread, self._call, inputs)
+        except RuntimeError:  # the thread was shut down: the service is stopping
+            self._lanes.give_back(thread)
+            raise NotServing("the service is shutting down") from None
         answer: asyncio.Future[tuple[Tensor, ...]] = loop.create_future()  # a request that gives up cancels this alone
         self._computing_now.add(answer)
-        work = loop.run_in_executor(thread, self._call, inputs)
         work.add_done_callback(functools.partial(self._computed_now, thread, len(inputs), answer))
         try:
             async with asyncio.timeout_at(deadline):

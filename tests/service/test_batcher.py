@@ -31,9 +31,9 @@ class Recorder:
         return x * 2
 
 
-def make(predict, metrics: Metrics | None = None, **overrides) -> Batcher:  # type: ignore[no-untyped-def]
+def make(predict, metrics: Metrics | None = None, lanes: Lanes | None = None, **overrides) -> Batcher:  # type: ignore[no-untyped-def]
     options = {"max_batch_size": 8, "max_wait_s": 0.005, "queue_size": 64} | overrides
-    b = Batcher("m", "decode", predict, Lanes(ThreadPoolExecutor(1)), metrics or Metrics(), **options)
+    b = Batcher("m", "decode", predict, lanes or Lanes(ThreadPoolExecutor(1)), metrics or Metrics(), **options)
     b.start()
     return b
 
@@ -108,6 +108,16 @@ async def test_a_drain_waits_for_a_lone_request_and_a_stop_answers_one_still_com
     with pytest.raises(NotServing):
         await asyncio.wait_for(stuck, 1)
     rec.release.set()
+
+
+async def test_a_lone_request_after_the_threads_were_shut_down_is_refused_and_leaves_no_thread_taken() -> None:
+    lanes = Lanes(ThreadPoolExecutor(1))
+    b = make(Recorder(), lanes=lanes)
+    lanes.shutdown()  # what a drain does last
+    with pytest.raises(NotServing):
+        await b.submit(torch.ones(1, 1), timeout_s=5, alone=True)
+    assert lanes.idle
+    await b.stop()
 
 
 async def test_concurrent_requests_share_a_batch_and_each_gets_its_own_answer() -> None:
