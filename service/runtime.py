@@ -106,6 +106,12 @@ class Runtime:
         )
 
     @property
+    def alone(self) -> bool:
+        """Whether the request asking is the only one in progress (the middleware counts it among `active`): then
+        nothing else waits for the event loop or a thread, and its work can skip the hand-offs meant for company."""
+        return self.active <= 1
+
+    @property
     def max_batch_size(self) -> int:
         """Images per model call: with lanes, the settings' limit is shared between them, so that the batches in
         flight together hold no more images (and no more memory) than one batch on the model thread would."""
@@ -164,7 +170,7 @@ class Runtime:
 
     async def decode(self, name: str, z: Tensor) -> Tensor:
         """Latents (N, latent_dim) -> uint8 images (N, H, W, C), ready for PNG encoding."""
-        (images,) = await self.decoders[name].submit(z, self.settings.request_timeout_s, alone=self.active <= 1)
+        (images,) = await self.decoders[name].submit(z, self.settings.request_timeout_s, alone=self.alone)
         self.metrics.images.labels(name).inc(len(images))
         return images
 
@@ -177,11 +183,11 @@ class Runtime:
         bench runs 4-6% below the run before), and at 2 connections they only made smaller batches (-12%).
         Parts of 16 were slower than 32."""
         decoder = self.decoders[name]
-        in_parts = self.spare_core and self.active <= 1
+        in_parts = self.spare_core and self.alone
         part_size = max(1, decoder.max_batch_size // 2) if in_parts else decoder.max_batch_size
         encoding: list[asyncio.Task[list[bytes]]] = []
         try:
-            parts_of_z = decoder.parts(z, self.settings.request_timeout_s, part_size, alone=self.active <= 1)
+            parts_of_z = decoder.parts(z, self.settings.request_timeout_s, part_size, alone=self.alone)
             async with contextlib.aclosing(parts_of_z) as parts:
                 async for (images,) in parts:
                     self.metrics.images.labels(name).inc(len(images))
@@ -192,7 +198,7 @@ class Runtime:
                 task.cancel()  # a part failed or timed out: the answer is an error, the PNGs are not needed
 
     async def encode(self, name: str, x: Tensor) -> tuple[Tensor, Tensor]:
-        mu, log_var = await self.encoders[name].submit(x, self.settings.request_timeout_s, alone=self.active <= 1)
+        mu, log_var = await self.encoders[name].submit(x, self.settings.request_timeout_s, alone=self.alone)
         return mu, log_var
 
     async def encode_uploads(self, model: ServedModel, files: list[bytes], invert: bool | None) -> tuple[Tensor, Tensor]:
@@ -270,8 +276,8 @@ def default_lanes(torch_threads: int) -> int:
 
 
 def _alone(active: int, tiles: np.ndarray) -> bool:
-    """Small images for the only request in progress are encoded on the event loop: nothing else needs the loop
-    meanwhile, and the two thread hand-offs this saves cost a lone request 0.1-0.2 ms."""
+    """Small images for the only request in progress (`Runtime.alone`) are encoded on the event loop: nothing else
+    needs the loop meanwhile, and the two thread hand-offs this saves cost a lone request 0.1-0.2 ms."""
     return active <= 1 and tiles.nbytes <= INLINE_PNG_BYTES
 
 
