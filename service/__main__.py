@@ -2,14 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-# Before torch loads: libgomp, torch's OpenMP runtime, reads this once. Its default lets idle workers spin for
-# 300 000 rounds after every op, and under load those spinning cores are the ones the PNG and HTTP
-# threads need. Measured on 2 cores (bench/README.md): 3000 lifts faces n=1 at 64 connections by ~6% and leaves a
-# lone request's latency as it was; sleeping at once (OMP_WAIT_POLICY=passive) slows every batch-1 decode by a third.
-os.environ.setdefault("GOMP_SPINCOUNT", "3000")
-
 import argparse
 import sys
 from pathlib import Path

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import os
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -61,18 +58,6 @@ async def test_a_request_larger_than_a_batch_is_reassembled_in_order(
         alone = await client.post("/decode", json={"model": "mnist", "z": [z]}, headers={"Accept": "application/json"})
         pixels = [np.asarray(decode_png(base64.b64decode(p)), dtype=int) for p in (alone.json()["images"][0], images[i])]
         assert np.abs(pixels[0] - pixels[1]).max() <= 1  # batch sizes may round differently
-
-
-def _spin_count(env: dict[str, str]) -> str:
-    code = "import os, service.__main__; print(os.environ['GOMP_SPINCOUNT'])"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return out.stdout.strip()
-
-
-def test_the_server_shortens_openmp_spinning_unless_the_user_chose_a_value() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
-    assert _spin_count(env) == "3000"
-    assert _spin_count(env | {"GOMP_SPINCOUNT": "300000"}) == "300000"
 
 
 @pytest.mark.parametrize("shape", [(5, 28, 28, 1), (5, 64, 64, 3)])
