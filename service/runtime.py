@@ -230,7 +230,7 @@ class Runtime:
         """One PNG per uint8 image (N, H, W, C), encoded in parallel: one hand-off per image thread, not per image."""
         loop = asyncio.get_running_loop()
         tiles = images.numpy()
-        if _alone(self.active, tiles):
+        if _inline_png(self.alone, tiles):
             return _png_each(tiles)
         chunks = np.array_split(tiles, min(len(tiles), IMAGE_THREADS))
         parts = await asyncio.gather(*(loop.run_in_executor(self.image_threads, _png_each, c) for c in chunks))
@@ -243,7 +243,7 @@ class Runtime:
         def image() -> np.ndarray:
             return tiles[0] if len(tiles) == 1 else imaging.grid(tiles, columns)
 
-        if _alone(self.active, tiles):
+        if _inline_png(self.alone, tiles):
             return imaging.png_bytes(image())
         if tiles.nbytes >= 2 * PNG_PART_BYTES:
             return await self._png_in_parts(image)
@@ -275,10 +275,10 @@ def default_lanes(torch_threads: int) -> int:
     return 2 if torch_threads == 2 else 1
 
 
-def _alone(active: int, tiles: np.ndarray) -> bool:
+def _inline_png(alone: bool, tiles: np.ndarray) -> bool:
     """Small images for the only request in progress (`Runtime.alone`) are encoded on the event loop: nothing else
     needs the loop meanwhile, and the two thread hand-offs this saves cost a lone request 0.1-0.2 ms."""
-    return active <= 1 and tiles.nbytes <= INLINE_PNG_BYTES
+    return alone and tiles.nbytes <= INLINE_PNG_BYTES
 
 
 def _png_each(tiles: np.ndarray) -> list[bytes]:
