@@ -226,8 +226,7 @@ class Batcher:
         if work.cancelled():  # the thread was shut down before it started
             error = NotServing("the service is shutting down")
         elif (exc := work.exception()) is not None:
-            log.error("model %s %s: a batch of %d images failed", self.name, self.op, size, exc_info=exc)
-            error = self._failed(exc) if isinstance(exc, Exception) else exc
+            error = BatchFailed(self._failure(exc, size)) if isinstance(exc, Exception) else exc
         if answer.done():  # the request gave up, or `stop` answered it
             return
         if error is None:
@@ -235,8 +234,10 @@ class Batcher:
         else:
             answer.set_exception(error)
 
-    def _failed(self, exc: Exception) -> BatchFailed:
-        return BatchFailed(f"model {self.name!r} failed on this batch: {type(exc).__name__}")
+    def _failure(self, exc: Exception, size: int) -> str:
+        """Log a failed batch once, with its traceback; the message each of its requests gets (as BatchFailed)."""
+        log.error("model %s %s: a batch of %d images failed", self.name, self.op, size, exc_info=exc)
+        return f"model {self.name!r} failed on this batch: {type(exc).__name__}"
 
     def _record(self, thread: ThreadPoolExecutor, size: int, started: float) -> None:
         self._metrics.compute_seconds.labels(self.name, self.op).observe(time.perf_counter() - started)
@@ -327,10 +328,10 @@ class Batcher:
                     item.future.set_exception(NotServing("the service is shutting down"))
             raise
         except Exception as exc:  # one failing batch fails only its own requests
-            log.exception("model %s %s: a batch of %d images failed", self.name, self.op, size)
+            message = self._failure(exc, size)
             for item in live:
                 if not item.future.done():
-                    item.future.set_exception(self._failed(exc))
+                    item.future.set_exception(BatchFailed(message))
             return
         finally:
             self._lanes.give_back(thread)
