@@ -82,6 +82,23 @@ async def test_the_only_request_in_progress_encodes_its_small_images_without_the
         await Runtime.pngs(alone, torch.zeros(2, 256, 256, 3, dtype=torch.uint8))  # type: ignore[arg-type]
 
 
+async def test_under_load_one_small_png_is_encoded_on_the_event_loop_and_larger_work_on_the_image_threads() -> None:
+    digits = torch.stack([torch.full((28, 28, 1), 30 * (i + 1), dtype=torch.uint8) for i in range(8)])
+    closed = ThreadPoolExecutor(1)
+    closed.shutdown()  # a hand-off to it raises RuntimeError
+    busy = SimpleNamespace(image_threads=closed, alone=False)  # another request in progress
+    (png,) = await Runtime.pngs(busy, digits[:1])  # type: ignore[arg-type]
+    assert int(np.asarray(decode_png(png)).max()) == 30
+    assert await Runtime.grid_png(busy, digits[:1], None) == png  # type: ignore[arg-type]
+    assert await Runtime.grid_png(busy, digits[:2], None)  # type: ignore[arg-type]  # a grid of two is one small PNG too
+    with pytest.raises(RuntimeError, match="shutdown"):  # two PNGs
+        await Runtime.pngs(busy, digits[:2])  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="shutdown"):  # one PNG of 6 KiB of pixels
+        await Runtime.grid_png(busy, digits, None)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="shutdown"):  # a faces image: 27 KiB
+        await Runtime.grid_png(busy, torch.zeros(1, 96, 96, 3, dtype=torch.uint8), None)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("count, size", [(64, 48), (1, 320)])
 async def test_a_large_png_is_deflated_in_parts_on_the_image_threads_and_is_the_same_image(
     count: int, size: int, monkeypatch: pytest.MonkeyPatch
