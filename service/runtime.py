@@ -1,8 +1,9 @@
 """What the routes call: the loaded models, their batchers and the threads that do the heavy work.
 
 The event loop never runs model code (the model thread, and on a CPU under load the lanes of lanes.py) or
-image decoding, and PNG encoding only for the one request in progress (its small images: no hand-off); the
-rest goes to a small pool of image threads (zlib and Pillow release the GIL while they (de)compress).
+image decoding, and PNG encoding only where a hand-off would cost it more (`_inline_png`: the small images of the
+one request in progress, or one PNG of a few KiB); the rest goes to a small pool of image threads (zlib and Pillow
+release the GIL while they (de)compress).
 
 Every torch op that is large enough to run in parallel runs on the model thread, loading and warm-up
 included; a lane has one torch thread, so its ops never do. With OpenMP each thread that starts a parallel
