@@ -29,7 +29,9 @@ class BulkWriter(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self._kept.append(record)
-        if record.levelno >= logging.WARNING:
+        if self._closing:  # no writer thread any more (a line logged during shutdown): write it now
+            self.flush()
+        elif record.levelno >= logging.WARNING:
             self._wake.set()
 
     def flush(self) -> None:

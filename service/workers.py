@@ -130,6 +130,9 @@ def _serve(sock: socket.socket, ready: Event, parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True, name="watch-parent").start()
-    worker.run(sockets=[sock])
+    try:
+        worker.run(sockets=[sock])
+    finally:
+        logging.shutdown()  # a spawned process ends with os._exit, without atexit: write the kept log lines now
     if os.getppid() != parent:  # the supervisor died without cleaning up: its workers remove the metrics folder
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

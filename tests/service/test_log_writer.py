@@ -64,6 +64,8 @@ def test_closing_writes_what_is_kept_and_stops_the_thread(logged: tuple[logging.
     writer.close()  # what logging.shutdown does at exit
     assert [line["path"] for line in lines(stream)] == ["/decode"]
     assert not writer._thread.is_alive()
+    logger.info("request", extra={"path": "/encode"})  # during shutdown, after the writer thread: written at once
+    assert [line["path"] for line in lines(stream)] == ["/decode", "/encode"]
 
 
 def test_a_line_that_cannot_be_formatted_is_reported_and_the_rest_are_written(
