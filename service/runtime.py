@@ -2,8 +2,8 @@
 
 The event loop never runs model code (the model thread, and on a CPU under load the lanes of lanes.py) or
 image decoding, and PNG encoding only where a hand-off would cost it more (`_inline_png`: the small images of the
-one request in progress, or one PNG of a few KiB); the rest goes to a small pool of image threads (zlib and Pillow
-release the GIL while they (de)compress).
+one request in progress, or one PNG of a few KiB); the rest goes to a small pool of image threads (ISA-L's deflate
+and Pillow release the GIL while they (de)compress).
 
 Every torch op that is large enough to run in parallel runs on the model thread, loading and warm-up
 included; a lane has one torch thread, so its ops never do. With OpenMP each thread that starts a parallel
@@ -38,7 +38,7 @@ from service.settings import Settings
 log = logging.getLogger("vae_serve.runtime")
 _T = TypeVar("_T")
 USABLE_CPUS = cpus.usable_cpus()  # the affinity mask, capped by a container's CPU quota
-# PNG encoding and upload decoding: zlib and Pillow release the GIL. The CPUs this process may use, not the host's:
+# PNG encoding and upload decoding: ISA-L's deflate and Pillow release the GIL. The CPUs this process may use, not the host's:
 # a container limited to 2 of 64 cores would otherwise split every answer's PNGs 64 ways.
 IMAGE_THREADS = max(2, USABLE_CPUS)
 INLINE_PNG_BYTES = 64 * 1024  # uint8 pixels a lone request may encode on the event loop: a 96x96 RGB image is 27 KiB

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +15,7 @@ from service.imaging import grid, png_bytes, to_uint8
 
 
 def _save(images: Tensor, path: Path, columns: int | None = None) -> None:
-    path.write_bytes(png_bytes(grid(to_uint8(images), columns), compress_level=6, strategy=zlib.Z_DEFAULT_STRATEGY))
+    path.write_bytes(png_bytes(grid(to_uint8(images), columns), compress_level=6))
 
 
 def _pca_2d(points: Tensor) -> Tensor:

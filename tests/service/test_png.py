@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import itertools
 import struct
 import zlib
 
@@ -24,11 +23,11 @@ def test_a_png_reads_back_as_the_same_pixels_in_greyscale_or_rgb(shape: tuple[in
     assert np.array_equal(np.asarray(image).reshape(shape), pixels)
 
 
-def test_any_memory_layout_compression_level_and_strategy_give_the_same_image() -> None:
+def test_any_memory_layout_and_compression_level_give_the_same_image() -> None:
     pixels = np.random.default_rng(0).integers(0, 256, (32, 24, 3), dtype=np.uint8)
     flipped = pixels[::-1, ::2]  # a strided view
-    for level, strategy in itertools.product((0, 1, 9), (zlib.Z_RLE, zlib.Z_DEFAULT_STRATEGY)):
-        data = png_bytes(flipped, level, strategy)
+    for level in (None, 0, 1, 9):  # the service's fast deflate, or zlib's levels
+        data = png_bytes(flipped, level)
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), flipped)
     smooth = np.tile(np.arange(64, dtype=np.uint8)[:, None, None], (1, 64, 3))
     assert len(png_bytes(smooth)) < smooth.size / 10  # the filter and zlib do compress
