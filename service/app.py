@@ -42,6 +42,9 @@ class LimitsAndAccessLog:
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics) -> None:
         self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+        # (endpoint, model, status) -> the children of the two request metrics: `labels(...)` looks them up under a lock
+        # on every call. Bounded as the labels are: route templates, served models, the statuses the app answers.
+        self._counted: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,8 +98,12 @@ class LimitsAndAccessLog:
         runtime = getattr(scope["app"].state, "runtime", None)
         if model and (runtime is None or model not in runtime.models):
             model = "unknown"  # client-chosen names must not create label values
-        self.metrics.requests.labels(endpoint, model, str(status)).inc()
-        self.metrics.request_seconds.labels(endpoint).observe(seconds)
+        children = self._counted.get((endpoint, model, status))
+        if children is None:
+            children = self.metrics.requests.labels(endpoint, model, str(status)), self.metrics.request_seconds.labels(endpoint)
+            self._counted[endpoint, model, status] = children
+        children[0].inc()
+        children[1].observe(seconds)
         reason = {429: "rejected", 503: "rejected", 504: "timeout"}.get(status)
         if reason is None and 400 <= status < 500 and status != 404:
             reason = "invalid"

@@ -102,7 +102,14 @@ class Batcher:
         finish: Finish = as_float32,
     ) -> None:
         self.name, self.op, self._predict, self._finish = name, op, predict, finish
-        self._lanes, self._metrics = lanes, metrics
+        self._lanes = lanes
+        # Each metric's child for this model and operation, bound once: `labels(...)` looks it up under a lock, and a
+        # request under load makes several such calls on the event loop.
+        self._queue_seconds = metrics.queue_seconds.labels(name)
+        self._compute_seconds = metrics.compute_seconds.labels(name, op)
+        self._batch_size = metrics.batch_size.labels(name, op)
+        self._queue_depth = metrics.queue_depth.labels(name, op)
+        self._batches = {kind: metrics.batches.labels(name, op, kind) for kind in ("model", "lane")}
         self.max_batch_size, self.max_wait_s, self.queue_size = max_batch_size, max_wait_s, queue_size
         self._queue: deque[_Item] = deque()
         self._arrived = asyncio.Event()
@@ -197,7 +204,7 @@ class Batcher:
         iteration less each way. A lone `mnist` request on 2 cores: 0.86 -> 0.81 ms p50 (wrk, alternating servers;
         bench/README.md)."""
         started = time.perf_counter()
-        self._metrics.queue_seconds.labels(self.name).observe(0.0)
+        self._queue_seconds.observe(0.0)
         loop = asyncio.get_running_loop()
         try:
             work = loop.run_in_executor(thread, self._call, inputs)
@@ -240,13 +247,13 @@ class Batcher:
         return f"model {self.name!r} failed on this batch: {type(exc).__name__}"
 
     def _record(self, thread: ThreadPoolExecutor, size: int, started: float) -> None:
-        self._metrics.compute_seconds.labels(self.name, self.op).observe(time.perf_counter() - started)
-        self._metrics.batch_size.labels(self.name, self.op).observe(size)
-        self._metrics.batches.labels(self.name, self.op, self._lanes.kind(thread)).inc()
+        self._compute_seconds.observe(time.perf_counter() - started)
+        self._batch_size.observe(size)
+        self._batches[self._lanes.kind(thread)].inc()
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
-        self._metrics.queue_depth.labels(self.name, self.op).set(depth)
+        self._queue_depth.set(depth)
 
     async def _wait_for_items(self, timeout_s: float | None) -> bool:
         """Wait until something is queued; False if `timeout_s` passed first."""
@@ -316,7 +323,7 @@ class Batcher:
         """Compute one batch on `thread`, then answer its items."""
         started = time.perf_counter()
         for item in live:
-            self._metrics.queue_seconds.labels(self.name).observe(started - item.enqueued)
+            self._queue_seconds.observe(started - item.enqueued)
         size = sum(len(item.inputs) for item in live)
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(
