@@ -38,8 +38,8 @@ from service.settings import Settings
 log = logging.getLogger("vae_serve.runtime")
 _T = TypeVar("_T")
 USABLE_CPUS = cpus.usable_cpus()  # the affinity mask, capped by a container's CPU quota
-# PNG encoding and upload decoding: ISA-L's deflate and Pillow release the GIL. The CPUs this process may use, not the host's:
-# a container limited to 2 of 64 cores would otherwise split every answer's PNGs 64 ways.
+# PNG encoding and upload decoding: ISA-L's deflate and Pillow release the GIL. The CPUs this process may use, not the
+# host's: a container limited to 2 of 64 cores would otherwise split every answer's PNGs 64 ways.
 IMAGE_THREADS = max(2, USABLE_CPUS)
 INLINE_PNG_BYTES = 64 * 1024  # uint8 pixels a lone request may encode on the event loop: a 96x96 RGB image is 27 KiB
 SMALL_PNG_BYTES = 4 * 1024  # uint8 pixels of a single PNG that any request encodes on the event loop: a 28x28 digit is 784
