@@ -21,7 +21,7 @@ import logging
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -67,7 +67,6 @@ class Runtime:
     draining: bool = False
     active: int = 0  # requests in progress, counted by the app's middleware: a drain waits for them
     spare_core: bool = False  # on the CPU with fewer torch threads than cores: a decode leaves a core to the PNG threads
-    images_returned: dict[str, Any] = field(default_factory=dict)  # each model's child of metrics.images, bound once
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -126,7 +125,6 @@ class Runtime:
         for name, model in self.models.items():
             if not model.ready:
                 continue
-            self.images_returned[name] = self.metrics.images.labels(name)
             for op, table, finish in (("encode", self.encoders, as_float32), ("decode", self.decoders, imaging.quantize)):
                 table[name] = Batcher(
                     name, op, model.predictor(op), self.lanes, self.metrics,
@@ -175,7 +173,7 @@ class Runtime:
     async def decode(self, name: str, z: Tensor) -> Tensor:
         """Latents (N, latent_dim) -> uint8 images (N, H, W, C), ready for PNG encoding."""
         (images,) = await self.decoders[name].submit(z, self.settings.request_timeout_s, alone=self.alone)
-        self.images_returned[name].inc(len(images))
+        self.metrics.images.labels(name).inc(len(images))
         return images
 
     async def decode_pngs(self, name: str, z: Tensor) -> list[bytes]:
@@ -194,7 +192,7 @@ class Runtime:
             parts_of_z = decoder.parts(z, self.settings.request_timeout_s, part_size, alone=self.alone)
             async with contextlib.aclosing(parts_of_z) as parts:
                 async for (images,) in parts:
-                    self.images_returned[name].inc(len(images))
+                    self.metrics.images.labels(name).inc(len(images))
                     encoding.append(asyncio.ensure_future(self.pngs(images)))
             return [png for part in await asyncio.gather(*encoding) for png in part]
         finally:
