@@ -4,6 +4,7 @@ and a transposed convolution to a few channels computed as matmul + col2im; it a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -162,10 +163,46 @@ def test_answers_that_differ_by_more_than_rounding_are_refused() -> None:
         check("encode", x, (x, x))
 
 
+def test_linear_layers_with_nothing_non_linear_between_them_are_composed_into_one() -> None:
+    module = scripted(nn.Sequential(nn.Linear(6, 32), nn.Linear(32, 64 * 2 * 2), nn.Unflatten(1, (64, 2, 2)),
+                                    nn.ConvTranspose2d(64, 16, 3, stride=2, padding=1, output_padding=1), trained_norm(16),
+                                    nn.LeakyReLU(0.2), nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1)))
+    z = torch.randn(5, 6)
+    served, graph = frozen_decode_graph(module, z)
+    assert graph.count("aten::linear") == 1 and graph.count("aten::conv_transpose2d") == 1  # the second is after LeakyReLU
+    assert "aten::movedim" in graph  # (C, H, W) comes out of the composed layer laid out channels-last
+    with torch.inference_mode():
+        torch.testing.assert_close(served.decode(z), module.decode(z), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        pytest.param(lambda: [nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 8)], id="non-linear between"),
+        pytest.param(lambda: [nn.Linear(64, 8), nn.Linear(8, 64)], id="one layer would cost more"),
+        pytest.param(lambda: [nn.Linear(6, 32)], id="a single layer"),
+    ],
+)
+def test_linear_layers_are_left_as_they_are_where_composing_does_not_pay(layers: Callable[[], list[nn.Module]]) -> None:
+    stack = layers()
+    module = scripted(nn.Sequential(*stack))
+    _, graph = frozen_decode_graph(module, torch.randn(3, stack[0].in_features))
+    assert graph.count("aten::linear") == sum(isinstance(layer, nn.Linear) for layer in stack)
+
+
+def test_a_chain_of_linear_layers_becomes_one_linear_layer() -> None:
+    module = scripted(nn.Sequential(nn.Linear(6, 32), nn.Linear(32, 48), nn.Linear(48, 40)))
+    z = torch.randn(4, 6)
+    served, graph = frozen_decode_graph(module, z)
+    assert graph.count("aten::linear") == 1
+    with torch.inference_mode():
+        torch.testing.assert_close(served.decode(z), module.decode(z), rtol=1e-5, atol=1e-5)
+
+
 def test_rewrite_reports_what_it_changed() -> None:
     module = scripted(nn.Sequential(nn.ConvTranspose2d(8, 8, 3), trained_norm(8), nn.ConvTranspose2d(8, 1, 3)))
     frozen = torch.jit.freeze(module, preserved_attrs=["decode", "encode"])
     assert rewrite(frozen.decode.graph) == [
         "1 BatchNorm folded into transposed convolutions", "1 narrow transposed convolutions as matmul + col2im"
-    ]
+    ]  # no linear layers to compose
     assert rewrite(frozen.decode.graph) == []  # nothing left to change
