@@ -54,7 +54,7 @@ def for_inference(name: str, module: Any, probes: Mapping[str, torch.Tensor]) ->
 
 
 def rewrite(graph: Graph) -> list[str]:
-    """Both rewrites on one frozen graph; what they changed, for the log."""
+    """The three rewrites on one frozen graph, in order; what they changed, for the log."""
     folded = _each(graph, "aten::batch_norm", fold_batch_norm)
     composed = _each(graph, "aten::linear", compose_affine_chain)
     narrow = _each(graph, "aten::conv_transpose2d", narrow_as_matmul)
