@@ -1,6 +1,6 @@
 """On a CPU a model is served rewritten for inference (BatchNorm folded into the transposed convolution before it,
 linear layers with nothing non-linear between them composed into one, a transposed convolution to a few channels
-computed as matmul + col2im), and answers as the model as saved; one the rewrites do not fit is served as saved."""
+computed as matmul + col2im, activations in place), and answers as the model as saved; one the rewrites do not fit is served as saved."""
 
 from __future__ import annotations
 
@@ -199,6 +199,39 @@ def test_a_chain_of_linear_layers_becomes_one_linear_layer() -> None:
     assert graph.count("aten::linear") == 1
     with torch.inference_mode():
         torch.testing.assert_close(served.decode(z), module.decode(z), rtol=1e-5, atol=1e-5)
+
+
+class ReusedActivationInput(nn.Module):
+    """An activation whose input is used again afterwards: overwriting it would change that use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.relu(y) + y
+
+
+def test_an_activation_whose_input_nothing_else_uses_overwrites_it() -> None:
+    module = scripted(nn.Sequential(nn.ConvTranspose2d(8, 8, 3), nn.LeakyReLU(0.2), nn.Sigmoid()))
+    z = torch.randn(2, 8, 5, 5)
+    served, graph = frozen_decode_graph(module, z)
+    assert "aten::leaky_relu_" in graph and "aten::sigmoid_" in graph
+    with torch.inference_mode():
+        torch.testing.assert_close(served.decode(z), module.decode(z))
+
+
+@pytest.mark.parametrize("layers", [nn.Sigmoid, ReusedActivationInput], ids=["the model's input", "used again"])
+def test_an_activation_keeps_an_input_that_is_the_callers_or_used_again(layers: Callable[[], nn.Module]) -> None:
+    module = scripted(layers())
+    x = torch.randn(2, 3, 4, 4)
+    served, graph = frozen_decode_graph(module, x)
+    assert "_(" not in graph
+    with torch.inference_mode():
+        before = x.clone()
+        torch.testing.assert_close(served.decode(x), module.decode(x))
+        assert torch.equal(x, before)
 
 
 def test_rewrite_reports_what_it_changed() -> None:
