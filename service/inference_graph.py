@@ -13,9 +13,9 @@ every encoder here), four rewrites of what a VAE decoder is made of:
 
 faces in-process on the 2-vCPU machine, as saved -> rewritten (bench/README.md, *A decoder rewritten for
 inference*): batch 1 on two threads 2.40 -> 0.88 ms, batch 32 on one 43.6 -> 29.2 ms, batch 64 on two
-46.6 -> 34.7 ms, then 35.4 -> 32.0 ms with the activations in place. Outputs differ from the model as saved by float rounding (< 1e-6 for faces: a few pixel values
-per million come out one level apart). Any rewrite that fails, or whose answers to a probe batch differ by more
-than rounding, leaves the model as loaded.
+46.6 -> 34.7 ms, then 35.4 -> 32.0 ms with the activations in place. Outputs differ from the model as saved by
+float rounding (< 1e-6 for faces: a few pixel values per million come out one level apart). Any rewrite that
+fails, or whose answers to a probe batch differ by more than rounding, leaves the model as loaded.
 """
 
 from __future__ import annotations
