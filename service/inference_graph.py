@@ -76,9 +76,23 @@ def _each(graph: Graph, kind: str, change: Callable[[Graph, torch._C.Node], bool
     return changed
 
 
+def _is_constant(value: torch._C.Value) -> bool:
+    return bool(value.node().kind() == "prim::Constant")
+
+
 def _constant(value: torch._C.Value) -> Any:
     """A frozen graph's constant (a weight, a flag, a list of ints); None where the value is computed."""
-    return value.toIValue() if value.node().kind() == "prim::Constant" else None
+    return value.toIValue() if _is_constant(value) else None
+
+
+def _used_only_by(value: torch._C.Value, node: torch._C.Node) -> bool:
+    """Whether `node` is the only use of `value` but for shape reads, which a rewrite of it leaves true."""
+    return all(use.user is node or use.user.kind() in _SHAPE_ONLY for use in value.uses())
+
+
+def _insert(graph: Graph, op: str, *args: Any) -> torch._C.Value:
+    """`op(*args)` at the graph's insert point; arguments that are not graph values become constants."""
+    return graph.insert(op, [a if isinstance(a, torch._C.Value) else graph.insertConstant(a) for a in args])
 
 
 def fold_batch_norm(graph: Graph, bn: torch._C.Node) -> bool:
@@ -86,9 +100,7 @@ def fold_batch_norm(graph: Graph, bn: torch._C.Node) -> bool:
     s = gamma / sqrt(var + eps) per output channel (dim 1 of a transposed convolution's weight)."""
     y = bn.inputsAt(0)
     conv = y.node()
-    if conv.kind() != "aten::conv_transpose2d" or any(
-        use.user is not bn and use.user.kind() not in _SHAPE_ONLY for use in y.uses()
-    ):
+    if conv.kind() != "aten::conv_transpose2d" or not _used_only_by(y, bn):
         return False
     w, b, groups = (_constant(conv.inputsAt(i)) for i in (1, 2, 6))
     gamma, beta, mean, var, training, eps = (_constant(bn.inputsAt(i)) for i in (1, 2, 3, 4, 5, 7))
@@ -130,41 +142,38 @@ def compose_affine_chain(graph: Graph, first: torch._C.Node) -> bool:
     if len(chain) < 2 or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return False
     inputs = [list(node.inputs())[1:] for node in chain]
-    if not all(v.node().kind() == "prim::Constant" for values in inputs for v in values):
+    if not all(_is_constant(v) for values in inputs for v in values):
         return False  # an input computed at run time
     args = [[_as_float64(v.toIValue()) for v in values] for values in inputs]
-    cost = 0
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        nonlocal cost
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The chain's output for `x`, and its multiply-adds for one row."""
+        cost = 0
         for node, node_args in zip(chain, args, strict=True):
             y = _AFFINE[node.kind()](x, *node_args)
             cost += _multiply_adds(node.kind(), node_args, x, y)
             x = y
-        return x
+        return x, cost
 
     width = weight.shape[1]
     with torch.inference_mode():
-        offset = run(torch.zeros(1, width, dtype=torch.float64))  # (1, *shape)
-        chain_cost, cost = cost, 0
-        columns = run(torch.eye(width, dtype=torch.float64)) - offset  # (width, *shape)
+        offset, chain_cost = run(torch.zeros(1, width, dtype=torch.float64))  # (1, *shape)
+        columns = run(torch.eye(width, dtype=torch.float64))[0] - offset  # (width, *shape)
     shape = offset.shape[1:]
     if width * offset.numel() >= chain_cost:
         return False
     if len(shape) == 3:  # (C, H, W), kept channels-last: (H, W, C) in memory
         columns, offset = columns.permute(0, 2, 3, 1), offset.permute(0, 2, 3, 1)
 
-    def insert(op: str, *op_args: Any) -> torch._C.Value:
-        return graph.insert(op, [a if isinstance(a, torch._C.Value) else graph.insertConstant(a) for a in op_args])
-
     last = chain[-1]
     with graph.insert_point_guard(last):
         matrix = columns.reshape(width, -1).t().contiguous().to(weight.dtype)
-        out = insert("aten::linear", first.inputsAt(0), matrix, offset.reshape(-1).to(weight.dtype))
+        out = _insert(graph, "aten::linear", first.inputsAt(0), matrix, offset.reshape(-1).to(weight.dtype))
         if len(shape) == 3:
-            out = insert("aten::movedim", insert("aten::unflatten", out, -1, [shape[1], shape[2], shape[0]]), -1, -3)
+            unflat = _insert(graph, "aten::unflatten", out, -1, [shape[1], shape[2], shape[0]])
+            out = _insert(graph, "aten::movedim", unflat, -1, -3)
         elif len(shape) > 1:
-            out = insert("aten::unflatten", out, -1, list(shape))
+            out = _insert(graph, "aten::unflatten", out, -1, list(shape))
     last.output().replaceAllUsesWith(out)
     for node in reversed(chain):
         node.destroy()
@@ -199,20 +208,19 @@ def narrow_as_matmul(graph: Graph, conv: torch._C.Node) -> bool:
         return False
     c_in, c_out, kh, kw = w.shape
 
-    def insert(op: str, *args: Any) -> torch._C.Value:
-        return graph.insert(op, [a if isinstance(a, torch._C.Value) else graph.insertConstant(a) for a in args])
-
     with graph.insert_point_guard(conv):
-        patches = insert("aten::matmul", w.reshape(c_in, c_out * kh * kw).t().contiguous(), insert("aten::flatten", x, -2, -1))
+        rows = _insert(graph, "aten::flatten", x, -2, -1)
+        patches = _insert(graph, "aten::matmul", w.reshape(c_in, c_out * kh * kw).t().contiguous(), rows)
         size = []
         for dim, k in ((0, kh), (1, kw)):
-            steps = insert("aten::mul", insert("aten::sub", insert("aten::size", x, dim - 2), 1), stride[dim])
-            size.append(insert("aten::add", steps, dilation[dim] * (k - 1) + out_pad[dim] + 1 - 2 * pad[dim]))
+            steps = _insert(graph, "aten::mul", _insert(graph, "aten::sub", _insert(graph, "aten::size", x, dim - 2), 1),
+                            stride[dim])
+            size.append(_insert(graph, "aten::add", steps, dilation[dim] * (k - 1) + out_pad[dim] + 1 - 2 * pad[dim]))
         size_list = graph.insertNode(graph.create("prim::ListConstruct", size, 1))
         size_list.output().setType(torch._C.ListType.ofInts())
-        out = insert("aten::col2im", patches, size_list.output(), [kh, kw], dilation, pad, stride)
+        out = _insert(graph, "aten::col2im", patches, size_list.output(), [kh, kw], dilation, pad, stride)
         if isinstance(b, torch.Tensor):
-            out = insert("aten::add", out, b.view(-1, 1, 1))
+            out = _insert(graph, "aten::add", out, b.view(-1, 1, 1))
     conv.output().replaceAllUsesWith(out)
     conv.destroy()
     return True
@@ -228,10 +236,10 @@ def activation_in_place(graph: Graph, node: torch._C.Node) -> bool:
     """An activation whose input is used by nothing else (shape reads aside) overwrites it: no new tensor, and one
     pass over memory instead of two (faces, batch 64 on two threads: 35.4 -> 32.0 ms)."""
     x = node.inputsAt(0)
-    if x.node().kind() not in _FRESH or any(use.user is not node and use.user.kind() not in _SHAPE_ONLY for use in x.uses()):
+    if x.node().kind() not in _FRESH or not _used_only_by(x, node):
         return False
     with graph.insert_point_guard(node):
-        out = graph.insert(_IN_PLACE[node.kind()], list(node.inputs()))
+        out = _insert(graph, _IN_PLACE[node.kind()], *node.inputs())
     node.output().replaceAllUsesWith(out)
     node.destroy()
     return True

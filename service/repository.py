@@ -83,7 +83,7 @@ def warm_up(module: Any, artifact: Artifact, device: torch.device, dtype: torch.
 
 
 def probes(artifact: Artifact, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Inputs a rewritten model must answer as the model as saved does (inference_graph.for_inference)."""
+    """Inputs a rewritten model must answer as the model as loaded does (inference_graph.for_inference)."""
     generator = torch.Generator().manual_seed(0)
     return {
         "encode": torch.rand((2, *artifact.image_shape), generator=generator).to(device, dtype),
