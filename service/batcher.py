@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar, overload
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ log = logging.getLogger("vae_serve.batcher")
 Predict = Callable[[Tensor], Tensor | tuple[Tensor, ...]]
 # What each checked output becomes before it leaves the device, once per batch (decoders: uint8 pixels).
 Finish = Callable[[Tensor], Tensor]
+# What a request makes of its own rows, on the batch's thread right after the model call (JSON answers: base64 PNGs).
+Then = Callable[[tuple[Tensor, ...]], Any]
+_R = TypeVar("_R")
 
 
 def as_float32(output: Tensor) -> Tensor:
@@ -79,9 +83,10 @@ def compute(name: str, predict: Predict, finish: Finish, inputs: Tensor) -> tupl
 @dataclass
 class _Item:
     inputs: Tensor  # (k, ...) with k <= max_batch_size
-    future: asyncio.Future[tuple[Tensor, ...]]
+    future: asyncio.Future[Any]  # its rows of the outputs, or what `then` made of them
     deadline: float  # loop.time()
     request: int  # which submission it is part of: parts of one request never share a batch
+    then: Then | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -116,7 +121,7 @@ class Batcher:
         self._depth = 0  # images queued, not yet taken into a batch
         self._reserved = 0  # images promised room by `reserve`, not yet submitted
         self._computing: set[asyncio.Task[None]] = set()  # batches being computed, one per thread at most
-        self._computing_now: set[asyncio.Future[tuple[Tensor, ...]]] = set()  # answers to lone requests being computed
+        self._computing_now: set[asyncio.Future[Any]] = set()  # answers to lone requests being computed
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._submissions = 0
@@ -162,25 +167,37 @@ class Batcher:
         # numpy, not torch.cat: a large torch op here would start a second OpenMP team (see runtime.py)
         return tuple(torch.from_numpy(np.concatenate([c.numpy() for c in columns])) for columns in zip(*parts, strict=True))
 
+    @overload
+    def parts(
+        self, inputs: Tensor, timeout_s: float, part_size: int, *, alone: bool = False, then: None = None
+    ) -> AsyncGenerator[tuple[Tensor, ...], None]: ...
+
+    @overload
+    def parts(
+        self, inputs: Tensor, timeout_s: float, part_size: int, *, alone: bool = False, then: Callable[[tuple[Tensor, ...]], _R]
+    ) -> AsyncGenerator[_R, None]: ...
+
     async def parts(
-        self, inputs: Tensor, timeout_s: float, part_size: int, *, alone: bool = False
-    ) -> AsyncGenerator[tuple[Tensor, ...], None]:
+        self, inputs: Tensor, timeout_s: float, part_size: int, *, alone: bool = False, then: Then | None = None
+    ) -> AsyncGenerator[Any, None]:
         """Queue `inputs` in parts of up to `part_size` rows, each computed in a batch of its own (other requests may
         join it), and yield their outputs in order as they come: the caller can work on one part while the next is
         computed. Close it early with `contextlib.aclosing`: parts not yet computed are then dropped. `alone`: the
         caller's is the only request in progress; if it fits one part and no thread computes, it runs at once, past
-        the queue (requests that come meanwhile queue behind it, as they would behind any batch)."""
+        the queue (requests that come meanwhile queue behind it, as they would behind any batch). `then`: each part's
+        outputs go through it on the batch's thread, right after the model call, and the part yields what it returns;
+        if it raises, the part's batch fails."""
         n = len(inputs)
         self._admit(n)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         part_size = min(part_size, self.max_batch_size)
         if alone and n <= part_size and not self._queue and (thread := self._lanes.take_now()) is not None:
-            yield await self._compute_now(thread, inputs, deadline, timeout_s)
+            yield await self._compute_now(thread, inputs, then, deadline, timeout_s)
             return
         chunks = inputs.split(part_size) if n > part_size else (inputs,)  # no torch call: see routes
         self._submissions += 1
-        items = [_Item(chunk, loop.create_future(), deadline, self._submissions) for chunk in chunks]
+        items = [_Item(chunk, loop.create_future(), deadline, self._submissions, then) for chunk in chunks]
         self._queue.extend(items)
         self._set_depth(self._depth + n)
         self._arrived.set()
@@ -198,8 +215,8 @@ class Batcher:
                     item.future.cancel()  # the collector skips it
 
     async def _compute_now(
-        self, thread: ThreadPoolExecutor, inputs: Tensor, deadline: float, timeout_s: float
-    ) -> tuple[Tensor, ...]:
+        self, thread: ThreadPoolExecutor, inputs: Tensor, then: Then | None, deadline: float, timeout_s: float
+    ) -> Any:
         """A lone request's batch, computed from the request's own task: past the collector and its queue, a loop
         iteration less each way. A lone `mnist` request on 2 cores: 0.86 -> 0.81 ms p50 (wrk, alternating servers;
         bench/README.md)."""
@@ -207,11 +224,11 @@ class Batcher:
         self._queue_seconds.observe(0.0)
         loop = asyncio.get_running_loop()
         try:
-            work = loop.run_in_executor(thread, self._call, inputs)
+            work = loop.run_in_executor(thread, self._call_batch, [inputs], [then])
         except RuntimeError:  # the thread was shut down: the service is stopping
             self._lanes.give_back(thread)
             raise NotServing("the service is shutting down") from None
-        answer: asyncio.Future[tuple[Tensor, ...]] = loop.create_future()  # a request that gives up cancels this alone
+        answer: asyncio.Future[Any] = loop.create_future()  # a request that gives up cancels this alone
         self._computing_now.add(answer)
         work.add_done_callback(functools.partial(self._computed_now, thread, len(inputs), answer))
         try:
@@ -223,8 +240,7 @@ class Batcher:
         return outputs
 
     def _computed_now(
-        self, thread: ThreadPoolExecutor, size: int, answer: asyncio.Future[tuple[Tensor, ...]],
-        work: asyncio.Future[tuple[Tensor, ...]],
+        self, thread: ThreadPoolExecutor, size: int, answer: asyncio.Future[Any], work: asyncio.Future[list[Any]]
     ) -> None:
         """The thread is done with a lone request's batch: answer the request, if it still waits (`stop` may have)."""
         self._lanes.give_back(thread)
@@ -237,7 +253,7 @@ class Batcher:
         if answer.done():  # the request gave up, or `stop` answered it
             return
         if error is None:
-            answer.set_result(work.result())
+            answer.set_result(work.result()[0])
         else:
             answer.set_exception(error)
 
@@ -326,8 +342,8 @@ class Batcher:
             self._queue_seconds.observe(started - item.enqueued)
         size = sum(len(item.inputs) for item in live)
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                thread, self._call_batch, [item.inputs for item in live]
+            answers = await asyncio.get_running_loop().run_in_executor(
+                thread, self._call_batch, [item.inputs for item in live], [item.then for item in live]
             )
         except asyncio.CancelledError:  # stopped mid-batch (a drain past its timeout): answer, then go
             for item in live:
@@ -343,15 +359,19 @@ class Batcher:
         finally:
             self._lanes.give_back(thread)
         self._record(thread, size, started)
-        offset = 0
-        for item in live:
-            k = len(item.inputs)
+        for item, answer in zip(live, answers, strict=True):
             if not item.future.done():
-                item.future.set_result(tuple(out[offset : offset + k] for out in outputs))
-            offset += k
+                item.future.set_result(answer)
 
-    def _call_batch(self, parts: list[Tensor]) -> tuple[Tensor, ...]:
-        return self._call(torch.cat(parts) if len(parts) > 1 else parts[0])  # on the batch's thread: see runtime.py
+    def _call_batch(self, parts: list[Tensor], thens: list[Then | None]) -> list[Any]:
+        """On the batch's thread: `_call` the parts as one batch, then split the outputs into each part's rows, put
+        through its `then` if it has one."""
+        outputs = self._call(torch.cat(parts) if len(parts) > 1 else parts[0])  # torch.cat here: see runtime.py
+        rows, offset = [], 0
+        for part in parts:
+            rows.append(tuple(out[offset : offset + len(part)] for out in outputs) if len(parts) > 1 else outputs)
+            offset += len(part)
+        return [then(r) if then is not None else r for r, then in zip(rows, thens, strict=True)]
 
     def _call(self, inputs: Tensor) -> tuple[Tensor, ...]:
         """Runs on the batch's thread: `compute` the batch. On CUDA out-of-memory, halve the batch and retry."""

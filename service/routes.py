@@ -68,7 +68,7 @@ async def images_response(
     """Decode `z` and answer: one PNG (a grid for several images), or JSON with a PNG per image."""
     headers = {"X-Seed": str(seed)} if seed is not None else {}
     if wants_json(request):
-        pngs = await runtime.decode_pngs(model, z)
+        pngs = await runtime.decode_base64_pngs(model, z)
         return Response(images_json(model, seed, z.tolist(), pngs), media_type="application/json", headers=headers)
     images = await runtime.decode(model, z)
     return Response(await runtime.grid_png(images, columns), media_type=PNG, headers=headers)

@@ -15,6 +15,7 @@ long idle workers spin before sleeping, and every op then pays to wake them: a b
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import logging
@@ -176,24 +177,36 @@ class Runtime:
         self.metrics.images.labels(name).inc(len(images))
         return images
 
-    async def decode_pngs(self, name: str, z: Tensor) -> list[bytes]:
-        """Latents (N, latent_dim) -> one PNG per image. When it is the only request in progress and the decode
-        leaves a core free (on the CPU, fewer torch threads than cores), more than half a batch is decoded in parts
-        of half a batch, and the image threads encode one part's PNGs while the model decodes the next. Measured on
-        2 cores, n=64 as JSON at one connection (alternating servers): `faces` +8-16% images/s with 1 torch thread;
-        with 2 threads the decode already fills both cores and parts were no faster (five series -5% to +7%; three
-        bench runs 4-6% below the run before), and at 2 connections they only made smaller batches (-12%).
-        Parts of 16 were slower than 32."""
+    async def decode_base64_pngs(self, name: str, z: Tensor) -> list[bytes]:
+        """Latents (N, latent_dim) -> one base64-encoded PNG per image, for a JSON answer.
+
+        Where the decode fills every core (2 torch threads on 2 cores: a lone n=64 request decodes its two halves on
+        the two lanes side by side), each batch's thread encodes its part's PNGs right after the decode (`then`),
+        without handing them to the image threads and back, and base64 is no longer the event loop's: `faces` n=64
+        at one connection 1,603 -> 1,679 images/s (alternating servers, faster in 5 of 5 rounds; bench/README.md).
+        When it is the only request in progress and the decode leaves a core free (on the CPU, fewer torch threads
+        than cores), more than half a batch is decoded in parts of half a batch, and the image threads encode one
+        part's PNGs while the model decodes the next: `faces` +8-16% images/s with 1 torch thread. With 2 threads
+        such parts were no faster, and at 2 connections they only made smaller batches (-12%). Parts of 16 were
+        slower than 32."""
         decoder = self.decoders[name]
         in_parts = self.spare_core and self.alone
         part_size = max(1, decoder.max_batch_size // 2) if in_parts else decoder.max_batch_size
+        timeout_s = self.settings.request_timeout_s
+        if not in_parts:
+            pngs: list[bytes] = []
+            encoded = decoder.parts(z, timeout_s, part_size, alone=self.alone, then=_base64_pngs_of)
+            async with contextlib.aclosing(encoded) as parts_encoded:  # a part failed: the others are dropped
+                async for part in parts_encoded:
+                    self.metrics.images.labels(name).inc(len(part))
+                    pngs += part
+            return pngs
         encoding: list[asyncio.Task[list[bytes]]] = []
         try:
-            parts_of_z = decoder.parts(z, self.settings.request_timeout_s, part_size, alone=self.alone)
-            async with contextlib.aclosing(parts_of_z) as parts:
+            async with contextlib.aclosing(decoder.parts(z, timeout_s, part_size, alone=True)) as parts:
                 async for (images,) in parts:
                     self.metrics.images.labels(name).inc(len(images))
-                    encoding.append(asyncio.ensure_future(self.pngs(images)))
+                    encoding.append(asyncio.ensure_future(self.base64_pngs(images)))
             return [png for part in await asyncio.gather(*encoding) for png in part]
         finally:
             for task in encoding:
@@ -228,14 +241,15 @@ class Runtime:
         )
         return torch.from_numpy(np.stack(arrays))
 
-    async def pngs(self, images: Tensor) -> list[bytes]:
-        """One PNG per uint8 image (N, H, W, C), encoded in parallel: one hand-off per image thread, not per image."""
+    async def base64_pngs(self, images: Tensor) -> list[bytes]:
+        """One base64-encoded PNG per uint8 image (N, H, W, C), encoded in parallel: one hand-off per image thread,
+        not per image."""
         loop = asyncio.get_running_loop()
         tiles = images.numpy()
         if _inline_png(self.alone, tiles, pngs=len(tiles)):
-            return _png_each(tiles)
+            return _base64_pngs(tiles)
         chunks = np.array_split(tiles, min(len(tiles), IMAGE_THREADS))
-        parts = await asyncio.gather(*(loop.run_in_executor(self.image_threads, _png_each, c) for c in chunks))
+        parts = await asyncio.gather(*(loop.run_in_executor(self.image_threads, _base64_pngs, c) for c in chunks))
         return [png for part in parts for png in part]
 
     async def grid_png(self, images: Tensor, columns: int | None) -> bytes:
@@ -289,5 +303,10 @@ def _inline_png(alone: bool, tiles: np.ndarray, pngs: int) -> bool:
     return pngs == 1 and tiles.nbytes <= SMALL_PNG_BYTES
 
 
-def _png_each(tiles: np.ndarray) -> list[bytes]:
-    return [imaging.png_bytes(tile) for tile in tiles]
+def _base64_pngs(tiles: np.ndarray) -> list[bytes]:
+    return [base64.b64encode(imaging.png_bytes(tile)) for tile in tiles]
+
+
+def _base64_pngs_of(outputs: tuple[Tensor, ...]) -> list[bytes]:
+    """A decoder's uint8 images (its one output) -> base64 PNGs: what `decode_base64_pngs` has a batch's thread do."""
+    return _base64_pngs(outputs[0].numpy())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -94,14 +93,15 @@ class ImagesResponse(BaseModel):
     images: list[str] = Field(description="base64-encoded PNGs")  # last: images_json relies on it
 
 
-def images_json(model: str, seed: int | None, latents: list[list[float]], pngs: list[bytes]) -> bytes:
+def images_json(model: str, seed: int | None, latents: list[list[float]], base64_pngs: list[bytes]) -> bytes:
     """An ImagesResponse as JSON, byte for byte what its model_dump_json writes. pydantic writes everything but the
-    images, which are joined in as bytes: base64 needs no escaping. For 64 faces this takes 1.7 ms of the event loop's
-    time, against 2.6 ms with pydantic validating and writing the 64 strings of 20 KB too."""
+    images, already base64-encoded (by the threads that encoded the PNGs), which are joined in as bytes: base64 needs
+    no escaping. pydantic validating and writing the 64 strings of 20 KB of an n=64 `faces` answer too took the
+    event loop 2.6 ms; base64 here, 1.7 ms."""
     head = ImagesResponse(model=model, seed=seed, latents=latents, images=[]).model_dump_json().encode()
-    if not pngs:
+    if not base64_pngs:
         return head
-    return b"".join((head.removesuffix(b"]}"), b'"', b'","'.join(map(base64.b64encode, pngs)), b'"]}'))
+    return b"".join((head.removesuffix(b"]}"), b'"', b'","'.join(base64_pngs), b'"]}'))
 
 
 class EncodeResponse(BaseModel):

@@ -169,6 +169,48 @@ async def test_other_requests_join_the_batch_of_a_part() -> None:
     await b.stop()
 
 
+async def test_then_turns_each_request_s_rows_into_its_answer_on_the_batch_s_thread() -> None:
+    rec, b = held()
+    threads: set[str] = set()
+
+    def total(outputs: tuple[torch.Tensor, ...]) -> float:
+        threads.add(threading.current_thread().name)
+        return float(outputs[0].sum())
+
+    busy = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=5))  # holds the model thread: the rest queue
+    await asyncio.sleep(0.01)
+    summed = b.parts(torch.arange(6.0)[:, None], timeout_s=5, part_size=3, then=total)
+    first = asyncio.ensure_future(anext(summed))
+    await asyncio.sleep(0)
+    plain = asyncio.create_task(b.submit(torch.ones(2, 1), timeout_s=5))  # joins the second part's batch
+    await asyncio.sleep(0.01)
+    rec.release.set()
+    await busy
+    assert [await first] + [s async for s in summed] == [6.0, 24.0]  # 2 * (0 + 1 + 2), 2 * (3 + 4 + 5)
+    (out,) = await plain
+    assert out.squeeze(1).tolist() == [2.0, 2.0]  # the batch it shared with a `then` part gave it its own rows
+    assert rec.sizes == [1, 3, 5]
+    assert threads and threading.current_thread().name not in threads
+    alone = [s async for s in b.parts(torch.ones(2, 1), timeout_s=5, part_size=8, alone=True, then=total)]
+    assert alone == [4.0]  # the only request in progress, past the queue: through `then` as well
+    await b.stop()
+
+
+async def test_a_then_that_raises_fails_its_batch_like_the_model_would() -> None:
+    b = make(Recorder())
+
+    def broken(outputs: tuple[torch.Tensor, ...]) -> None:
+        raise ValueError("no")
+
+    for alone in (False, True):
+        with pytest.raises(BatchFailed, match="ValueError"):
+            async for _ in b.parts(torch.ones(2, 1), timeout_s=5, part_size=8, alone=alone, then=broken):
+                pass
+    (out,) = await b.submit(torch.ones(1, 1), timeout_s=5)  # and the batcher goes on
+    assert out.tolist() == [[2.0]]
+    await b.stop()
+
+
 async def test_parts_left_unread_are_dropped_and_a_late_part_is_a_deadline_error() -> None:
     rec = Recorder(delay_s=0.05)
     b = make(rec)

@@ -52,7 +52,7 @@ def test_images_json_is_byte_for_byte_the_schemas_own(seed: int | None, n: int) 
     latents = torch.randn(n, 5, generator=torch.Generator().manual_seed(n)).tolist()
     images = [base64.b64encode(p).decode() for p in pngs]
     expected = ImagesResponse(model='fa"ces', seed=seed, latents=latents, images=images).model_dump_json().encode()
-    assert images_json('fa"ces', seed, latents, pngs) == expected
+    assert images_json('fa"ces', seed, latents, [base64.b64encode(p) for p in pngs]) == expected
 
 
 async def test_same_seed_same_bytes_even_under_concurrent_load(client: httpx.AsyncClient) -> None:

@@ -65,8 +65,8 @@ async def test_pngs_encoded_in_parallel_come_back_in_the_order_of_their_images(s
     images = torch.stack([torch.full(shape[1:], 40 * i, dtype=torch.uint8) for i in range(shape[0])])
     with ThreadPoolExecutor(2) as pool:
         runtime = SimpleNamespace(image_threads=pool, alone=False)  # another request in progress: the threads encode
-        pngs = await Runtime.pngs(runtime, images)  # type: ignore[arg-type]
-    assert [int(np.asarray(decode_png(p)).max()) for p in pngs] == [0, 40, 80, 120, 160]
+        pngs = await Runtime.base64_pngs(runtime, images)  # type: ignore[arg-type]
+    assert [int(np.asarray(decode_png(base64.b64decode(p))).max()) for p in pngs] == [0, 40, 80, 120, 160]
 
 
 async def test_the_only_request_in_progress_encodes_its_small_images_without_the_image_threads() -> None:
@@ -74,12 +74,12 @@ async def test_the_only_request_in_progress_encodes_its_small_images_without_the
     closed = ThreadPoolExecutor(1)
     closed.shutdown()  # a hand-off to it raises RuntimeError
     alone = SimpleNamespace(image_threads=closed, alone=True)
-    pngs = await Runtime.pngs(alone, images)  # type: ignore[arg-type]
+    pngs = [base64.b64decode(p) for p in await Runtime.base64_pngs(alone, images)]  # type: ignore[arg-type]
     grid = await Runtime.grid_png(alone, images[:1], None)  # type: ignore[arg-type]
     assert [int(np.asarray(decode_png(p)).max()) for p in pngs] == [0, 40]
     assert grid == pngs[0]
     with pytest.raises(RuntimeError, match="shutdown"):  # large images still go to the threads, even alone
-        await Runtime.pngs(alone, torch.zeros(2, 256, 256, 3, dtype=torch.uint8))  # type: ignore[arg-type]
+        await Runtime.base64_pngs(alone, torch.zeros(2, 256, 256, 3, dtype=torch.uint8))  # type: ignore[arg-type]
 
 
 async def test_under_load_one_small_png_is_encoded_on_the_event_loop_and_larger_work_on_the_image_threads() -> None:
@@ -87,12 +87,12 @@ async def test_under_load_one_small_png_is_encoded_on_the_event_loop_and_larger_
     closed = ThreadPoolExecutor(1)
     closed.shutdown()  # a hand-off to it raises RuntimeError
     busy = SimpleNamespace(image_threads=closed, alone=False)  # another request in progress
-    (png,) = await Runtime.pngs(busy, digits[:1])  # type: ignore[arg-type]
+    (png,) = [base64.b64decode(p) for p in await Runtime.base64_pngs(busy, digits[:1])]  # type: ignore[arg-type]
     assert int(np.asarray(decode_png(png)).max()) == 30
     assert await Runtime.grid_png(busy, digits[:1], None) == png  # type: ignore[arg-type]
     assert await Runtime.grid_png(busy, digits[:2], None)  # type: ignore[arg-type]  # a grid of two is one small PNG too
     with pytest.raises(RuntimeError, match="shutdown"):  # two PNGs
-        await Runtime.pngs(busy, digits[:2])  # type: ignore[arg-type]
+        await Runtime.base64_pngs(busy, digits[:2])  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="shutdown"):  # one PNG of 6 KiB of pixels
         await Runtime.grid_png(busy, digits, None)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="shutdown"):  # a faces image: 27 KiB
@@ -126,16 +126,17 @@ async def test_a_large_png_is_deflated_in_parts_on_the_image_threads_and_is_the_
 async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left_for_the_pngs(
     client: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Then a part's PNGs are encoded while the next part decodes. With other requests in progress, or a decode that
-    uses every core, there is no idle core to fill, and whole batches are faster."""
+    """Then the image threads encode a part's PNGs while the next part decodes. With other requests in progress, or a
+    decode that uses every core, there is no idle core to fill: whole batches, each batch's thread encoding the PNGs
+    of its own rows right after its decode."""
     server = client.app.state.runtime  # type: ignore[attr-defined]
     decoder = server.decoders["mnist"]
-    part_sizes: list[int] = []
+    part_sizes: list[tuple[int, bool]] = []  # (part size, PNGs encoded on the batch's thread)
     parts = decoder.parts
 
-    def spy(inputs: torch.Tensor, timeout_s: float, part_size: int, alone: bool) -> object:
-        part_sizes.append(part_size)
-        return parts(inputs, timeout_s, part_size, alone=alone)
+    def spy(inputs: torch.Tensor, timeout_s: float, part_size: int, alone: bool, then: object = None) -> object:
+        part_sizes.append((part_size, then is not None))
+        return parts(inputs, timeout_s, part_size, alone=alone, then=then)
 
     async def json_answer() -> None:
         body = {"model": "mnist", "n": decoder.max_batch_size}
@@ -152,4 +153,5 @@ async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left
         server.active -= 1
     monkeypatch.setattr(server, "spare_core", False)  # the decode's threads fill every core
     await json_answer()
-    assert part_sizes == [decoder.max_batch_size // 2, decoder.max_batch_size, decoder.max_batch_size]
+    whole = (decoder.max_batch_size, True)
+    assert part_sizes == [(decoder.max_batch_size // 2, False), whole, whole]
