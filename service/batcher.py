@@ -81,6 +81,13 @@ def compute(name: str, predict: Predict, finish: Finish, inputs: Tensor) -> tupl
 
 
 @dataclass
+class _Raised:
+    """What a request's `then` raised: that request's own failure, not its batch's."""
+
+    error: Exception
+
+
+@dataclass
 class _Item:
     inputs: Tensor  # (k, ...) with k <= max_batch_size
     future: asyncio.Future[Any]  # its rows of the outputs, or what `then` made of them
@@ -186,7 +193,7 @@ class Batcher:
         caller's is the only request in progress; if it fits one part and no thread computes, it runs at once, past
         the queue (requests that come meanwhile queue behind it, as they would behind any batch). `then`: each part's
         outputs go through it on the batch's thread, right after the model call, and the part yields what it returns;
-        if it raises, the part's batch fails."""
+        what it raises, the part raises, and the other requests of its batch get their answers all the same."""
         n = len(inputs)
         self._admit(n)
         loop = asyncio.get_running_loop()
@@ -253,7 +260,7 @@ class Batcher:
         if answer.done():  # the request gave up, or `stop` answered it
             return
         if error is None:
-            answer.set_result(work.result()[0])
+            _answer(answer, work.result()[0])
         else:
             answer.set_exception(error)
 
@@ -361,17 +368,22 @@ class Batcher:
         self._record(thread, size, started)
         for item, answer in zip(live, answers, strict=True):
             if not item.future.done():
-                item.future.set_result(answer)
+                _answer(item.future, answer)
 
     def _call_batch(self, parts: list[Tensor], thens: list[Then | None]) -> list[Any]:
         """On the batch's thread: `_call` the parts as one batch, then split the outputs into each part's rows, put
         through its `then` if it has one."""
         outputs = self._call(torch.cat(parts) if len(parts) > 1 else parts[0])  # torch.cat here: see runtime.py
-        rows, offset = [], 0
-        for part in parts:
-            rows.append(tuple(out[offset : offset + len(part)] for out in outputs) if len(parts) > 1 else outputs)
+        answers: list[Any] = []
+        offset = 0
+        for part, then in zip(parts, thens, strict=True):
+            rows = tuple(out[offset : offset + len(part)] for out in outputs) if len(parts) > 1 else outputs
             offset += len(part)
-        return [then(r) if then is not None else r for r, then in zip(rows, thens, strict=True)]
+            try:
+                answers.append(rows if then is None else then(rows))
+            except Exception as exc:
+                answers.append(_Raised(exc))
+        return answers
 
     def _call(self, inputs: Tensor) -> tuple[Tensor, ...]:
         """Runs on the batch's thread: `compute` the batch. On CUDA out-of-memory, halve the batch and retry."""
@@ -414,3 +426,10 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(NotServing(reason))
         self._set_depth(0)
+
+
+def _answer(future: asyncio.Future[Any], answer: Any) -> None:
+    if isinstance(answer, _Raised):
+        future.set_exception(answer.error)
+    else:
+        future.set_result(answer)

@@ -70,6 +70,8 @@ async def images_response(
     if wants_json(request):
         pngs = await runtime.decode_base64_pngs(model, z)
         return Response(images_json(model, seed, z.tolist(), pngs), media_type="application/json", headers=headers)
+    if len(z) == 1:
+        return Response(await runtime.decode_png(model, z), media_type=PNG, headers=headers)
     images = await runtime.decode(model, z)
     return Response(await runtime.grid_png(images, columns), media_type=PNG, headers=headers)
 

@@ -1,9 +1,11 @@
 """What the routes call: the loaded models, their batchers and the threads that do the heavy work.
 
 The event loop never runs model code (the model thread, and on a CPU under load the lanes of lanes.py) or
-image decoding, and PNG encoding only where a hand-off would cost it more (`_inline_png`: the small images of the
-one request in progress, or one PNG of a few KiB); the rest goes to a small pool of image threads (ISA-L's deflate
-and Pillow release the GIL while they (de)compress).
+image decoding. Where the decode fills every core, the PNGs of a one-image answer and of a JSON answer are encoded
+by the batch's own thread right after its decode (`decode_png`, `decode_base64_pngs`). Other PNGs (grids, and
+everything where the decode leaves a core free) go to a small pool of image threads (ISA-L's deflate and Pillow
+release the GIL while they (de)compress), or stay on the event loop where a hand-off would cost it more
+(`_inline_png`: the small images of the one request in progress, or one small PNG under load).
 
 Every torch op that is large enough to run in parallel runs on the model thread, loading and warm-up
 included; a lane has one torch thread, so its ops never do. With OpenMP each thread that starts a parallel
@@ -177,13 +179,37 @@ class Runtime:
         self.metrics.images.labels(name).inc(len(images))
         return images
 
+    async def decode_png(self, name: str, z: Tensor) -> bytes:
+        """One latent (1, latent_dim) -> its image's PNG. Where the decode fills every core, the batch's thread encodes
+        it right after the decode (`then`), not the event loop or an image thread after two more hand-offs. 2 cores,
+        2 torch threads, alternating servers: mnist at 64 connections 3,727 -> 4,043 requests/s; faces alone p99
+        9.4 -> 3.3 ms (p50 within the noise), at 8 and 64 connections the same (bench/README.md). Where the decode
+        leaves a core free, the image threads use that core meanwhile."""
+        if self.spare_core:
+            return await self.grid_png(await self.decode(name, z), None)
+        (png,) = await self._decode_then(name, z, self.decoders[name].max_batch_size, _pngs_of)
+        return png
+
+    async def _decode_then(
+        self, name: str, z: Tensor, part_size: int, then: Callable[[tuple[Tensor, ...]], list[bytes]]
+    ) -> list[bytes]:
+        """Decode `z` in parts of `part_size`, each put through `then` (one item per image) on its batch's thread."""
+        done: list[bytes] = []
+        parts = self.decoders[name].parts(z, self.settings.request_timeout_s, part_size, alone=self.alone, then=then)
+        async with contextlib.aclosing(parts) as results:  # a part failed: the others are dropped
+            async for result in results:
+                self.metrics.images.labels(name).inc(len(result))
+                done += result
+        return done
+
     async def decode_base64_pngs(self, name: str, z: Tensor) -> list[bytes]:
         """Latents (N, latent_dim) -> one base64-encoded PNG per image, for a JSON answer.
 
         Where the decode fills every core (2 torch threads on 2 cores: a lone n=64 request decodes its two halves on
         the two lanes side by side), each batch's thread encodes its part's PNGs right after the decode (`then`),
         without handing them to the image threads and back, and base64 is no longer the event loop's: `faces` n=64
-        at one connection 1,603 -> 1,679 images/s (alternating servers, faster in 5 of 5 rounds; bench/README.md).
+        at one connection 1,592 -> 1,640 images/s (alternating servers, faster in 5 of 5 rounds), a lone n=1
+        request 2.10 -> 1.86 ms p50 (bench/README.md).
         When it is the only request in progress and the decode leaves a core free (on the CPU, fewer torch threads
         than cores), more than half a batch is decoded in parts of half a batch, and the image threads encode one
         part's PNGs while the model decodes the next: `faces` +8-16% images/s with 1 torch thread. With 2 threads
@@ -192,18 +218,11 @@ class Runtime:
         decoder = self.decoders[name]
         in_parts = self.spare_core and self.alone
         part_size = max(1, decoder.max_batch_size // 2) if in_parts else decoder.max_batch_size
-        timeout_s = self.settings.request_timeout_s
         if not in_parts:
-            pngs: list[bytes] = []
-            encoded = decoder.parts(z, timeout_s, part_size, alone=self.alone, then=_base64_pngs_of)
-            async with contextlib.aclosing(encoded) as parts_encoded:  # a part failed: the others are dropped
-                async for part in parts_encoded:
-                    self.metrics.images.labels(name).inc(len(part))
-                    pngs += part
-            return pngs
+            return await self._decode_then(name, z, part_size, _base64_pngs_of)
         encoding: list[asyncio.Task[list[bytes]]] = []
         try:
-            async with contextlib.aclosing(decoder.parts(z, timeout_s, part_size, alone=True)) as parts:
+            async with contextlib.aclosing(decoder.parts(z, self.settings.request_timeout_s, part_size, alone=True)) as parts:
                 async for (images,) in parts:
                     self.metrics.images.labels(name).inc(len(images))
                     encoding.append(asyncio.ensure_future(self.base64_pngs(images)))
@@ -297,7 +316,8 @@ def _inline_png(alone: bool, tiles: np.ndarray, pngs: int) -> bool:
     0.1-0.2 ms), or, under load, one PNG of a few KiB of pixels, which costs the loop less than handing it to an image
     thread and back (a 28x28 digit 20 us, a 2x2 grid of them 33 us): mnist n=1 on 2 cores, 1,601 -> 2,234 images/s at
     64 connections and 1,650 -> 2,317 at 32 (alternating servers; bench/README.md). A faces image (27 KiB, 0.34 ms)
-    under load stays on the image threads: on the loop, 64 connections were 5% slower."""
+    under load stays on the image threads: on the loop, 64 connections were 5% slower. Where the decode fills every
+    core, a one-image answer never comes here: its batch's thread encodes it (`Runtime.decode_png`)."""
     if alone:
         return tiles.nbytes <= INLINE_PNG_BYTES
     return pngs == 1 and tiles.nbytes <= SMALL_PNG_BYTES
@@ -305,6 +325,11 @@ def _inline_png(alone: bool, tiles: np.ndarray, pngs: int) -> bool:
 
 def _base64_pngs(tiles: np.ndarray) -> list[bytes]:
     return [base64.b64encode(imaging.png_bytes(tile)) for tile in tiles]
+
+
+def _pngs_of(outputs: tuple[Tensor, ...]) -> list[bytes]:
+    """A decoder's uint8 images (its one output) -> PNGs: what `decode_png` has a batch's thread do."""
+    return [imaging.png_bytes(tile) for tile in outputs[0].numpy()]
 
 
 def _base64_pngs_of(outputs: tuple[Tensor, ...]) -> list[bytes]:

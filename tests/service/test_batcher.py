@@ -196,18 +196,29 @@ async def test_then_turns_each_request_s_rows_into_its_answer_on_the_batch_s_thr
     await b.stop()
 
 
-async def test_a_then_that_raises_fails_its_batch_like_the_model_would() -> None:
-    b = make(Recorder())
+async def test_what_a_then_raises_fails_only_its_own_request_with_that_error() -> None:
+    rec, b = held()
 
     def broken(outputs: tuple[torch.Tensor, ...]) -> None:
         raise ValueError("no")
 
-    for alone in (False, True):
-        with pytest.raises(BatchFailed, match="ValueError"):
-            async for _ in b.parts(torch.ones(2, 1), timeout_s=5, part_size=8, alone=alone, then=broken):
-                pass
-    (out,) = await b.submit(torch.ones(1, 1), timeout_s=5)  # and the batcher goes on
-    assert out.tolist() == [[2.0]]
+    async def answer_through_broken() -> None:
+        async for _ in b.parts(torch.ones(2, 1), timeout_s=5, part_size=8, alone=True, then=broken):
+            pass
+
+    busy = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=5))  # holds the model thread: the rest queue
+    await asyncio.sleep(0.01)
+    failing = asyncio.create_task(answer_through_broken())
+    other = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=5))  # shares the failing one's batch
+    await asyncio.sleep(0.01)
+    rec.release.set()
+    await busy
+    with pytest.raises(ValueError, match="no"):
+        await failing
+    (out,) = await other
+    assert out.tolist() == [[2.0]] and rec.sizes == [1, 3]
+    with pytest.raises(ValueError, match="no"):  # the only request in progress, past the queue: the same
+        await answer_through_broken()
     await b.stop()
 
 
