@@ -1,11 +1,12 @@
 """What the routes call: the loaded models, their batchers and the threads that do the heavy work.
 
 The event loop never runs model code (the model thread, and on a CPU under load the lanes of lanes.py) or
-image decoding. Where the decode fills every core, the PNGs of a one-image answer and of a JSON answer are encoded
-by the batch's own thread right after its decode (`decode_png`, `decode_base64_pngs`). Other PNGs (grids, and
-everything where the decode leaves a core free) go to a small pool of image threads (ISA-L's deflate and Pillow
-release the GIL while they (de)compress), or stay on the event loop where a hand-off would cost it more
-(`_inline_png`: the small images of the one request in progress, or one small PNG under load).
+image decoding. Where single-thread lanes share every core (`pngs_on_batch_thread`), the PNGs of a one-image answer
+and of a JSON answer are encoded by the batch's own thread right after its decode (`decode_png`,
+`decode_base64_pngs`). Other PNGs (grids; and on a GPU, or with a core to spare, all of them) go to a small pool of
+image threads (ISA-L's deflate and Pillow release the GIL while they (de)compress), or stay on the event loop where a
+hand-off would cost it more (`_inline_png`: the small images of the one request in progress, or one small PNG under
+load).
 
 Every torch op that is large enough to run in parallel runs on the model thread, loading and warm-up
 included; a lane has one torch thread, so its ops never do. With OpenMP each thread that starts a parallel
@@ -70,6 +71,10 @@ class Runtime:
     draining: bool = False
     active: int = 0  # requests in progress, counted by the app's middleware: a drain waits for them
     spare_core: bool = False  # on the CPU with fewer torch threads than cores: a decode leaves a core to the PNG threads
+    # A batch's own thread encodes the PNGs its requests answer with, right after the decode: where single-thread lanes
+    # share every core, each lane encodes its own batch's while another decodes. Elsewhere the image threads encode
+    # them in parallel: on a GPU the model thread goes on to the next batch, with a spare core they use it meanwhile.
+    pngs_on_batch_thread: bool = False
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -108,6 +113,7 @@ class Runtime:
             lanes=Lanes(model_thread, single_thread_lanes(lanes) if lanes > 1 else ()),
             image_threads=ThreadPoolExecutor(max_workers=IMAGE_THREADS, thread_name_prefix="image"),
             spare_core=device.type == "cpu" and threads < USABLE_CPUS,
+            pngs_on_batch_thread=device.type == "cpu" and lanes > 1 and threads >= USABLE_CPUS,
         )
 
     @property
@@ -180,12 +186,11 @@ class Runtime:
         return images
 
     async def decode_png(self, name: str, z: Tensor) -> bytes:
-        """One latent (1, latent_dim) -> its image's PNG. Where the decode fills every core, the batch's thread encodes
-        it right after the decode (`then`), not the event loop or an image thread after two more hand-offs. 2 cores,
+        """One latent (1, latent_dim) -> its image's PNG. With `pngs_on_batch_thread`, the batch's thread encodes it
+        right after the decode (`then`), not the event loop or an image thread after two more hand-offs. 2 cores,
         2 torch threads, alternating servers: mnist at 64 connections 3,727 -> 4,043 requests/s; faces alone p99
-        9.4 -> 3.3 ms (p50 within the noise), at 8 and 64 connections the same (bench/README.md). Where the decode
-        leaves a core free, the image threads use that core meanwhile."""
-        if self.spare_core:
+        9.4 -> 3.3 ms (p50 within the noise), at 8 and 64 connections the same (bench/README.md)."""
+        if not self.pngs_on_batch_thread:
             return await self.grid_png(await self.decode(name, z), None)
         (png,) = await self._decode_then(name, z, self.decoders[name].max_batch_size, _pngs_of)
         return png
@@ -205,24 +210,24 @@ class Runtime:
     async def decode_base64_pngs(self, name: str, z: Tensor) -> list[bytes]:
         """Latents (N, latent_dim) -> one base64-encoded PNG per image, for a JSON answer.
 
-        Where the decode fills every core (2 torch threads on 2 cores: a lone n=64 request decodes its two halves on
-        the two lanes side by side), each batch's thread encodes its part's PNGs right after the decode (`then`),
-        without handing them to the image threads and back, and base64 is no longer the event loop's: `faces` n=64
-        at one connection 1,592 -> 1,640 images/s (alternating servers, faster in 5 of 5 rounds), a lone n=1
-        request 2.10 -> 1.86 ms p50 (bench/README.md).
-        When it is the only request in progress and the decode leaves a core free (on the CPU, fewer torch threads
-        than cores), more than half a batch is decoded in parts of half a batch, and the image threads encode one
-        part's PNGs while the model decodes the next: `faces` +8-16% images/s with 1 torch thread. With 2 threads
-        such parts were no faster, and at 2 connections they only made smaller batches (-12%). Parts of 16 were
-        slower than 32."""
+        With `pngs_on_batch_thread` (2 torch threads on 2 cores: a lone n=64 request decodes its two halves on the two
+        lanes side by side), each batch's thread encodes its part's PNGs right after the decode (`then`), without
+        handing them to the image threads and back, and base64 is no longer the event loop's: `faces` n=64 at one
+        connection 1,592 -> 1,640 images/s (alternating servers, faster in 5 of 5 rounds), a lone n=1 request 2.10 ->
+        1.86 ms p50 (bench/README.md). Elsewhere the image threads encode them. When it is the only request in
+        progress and the decode leaves a core free (on the CPU, fewer torch threads than cores), more than half a
+        batch is decoded in parts of half a batch, and the image threads encode one part's PNGs while the model
+        decodes the next: `faces` +8-16% images/s with 1 torch thread. With 2 threads such parts were no faster, and
+        at 2 connections they only made smaller batches (-12%). Parts of 16 were slower than 32."""
         decoder = self.decoders[name]
+        if self.pngs_on_batch_thread:
+            return await self._decode_then(name, z, decoder.max_batch_size, _base64_pngs_of)
         in_parts = self.spare_core and self.alone
         part_size = max(1, decoder.max_batch_size // 2) if in_parts else decoder.max_batch_size
-        if not in_parts:
-            return await self._decode_then(name, z, part_size, _base64_pngs_of)
         encoding: list[asyncio.Task[list[bytes]]] = []
         try:
-            async with contextlib.aclosing(decoder.parts(z, self.settings.request_timeout_s, part_size, alone=True)) as parts:
+            parts_of_z = decoder.parts(z, self.settings.request_timeout_s, part_size, alone=self.alone)
+            async with contextlib.aclosing(parts_of_z) as parts:
                 async for (images,) in parts:
                     self.metrics.images.labels(name).inc(len(images))
                     encoding.append(asyncio.ensure_future(self.base64_pngs(images)))
@@ -316,8 +321,8 @@ def _inline_png(alone: bool, tiles: np.ndarray, pngs: int) -> bool:
     0.1-0.2 ms), or, under load, one PNG of a few KiB of pixels, which costs the loop less than handing it to an image
     thread and back (a 28x28 digit 20 us, a 2x2 grid of them 33 us): mnist n=1 on 2 cores, 1,601 -> 2,234 images/s at
     64 connections and 1,650 -> 2,317 at 32 (alternating servers; bench/README.md). A faces image (27 KiB, 0.34 ms)
-    under load stays on the image threads: on the loop, 64 connections were 5% slower. Where the decode fills every
-    core, a one-image answer never comes here: its batch's thread encodes it (`Runtime.decode_png`)."""
+    under load stays on the image threads: on the loop, 64 connections were 5% slower. With `pngs_on_batch_thread` a
+    one-image answer never comes here: its batch's thread encodes it (`Runtime.decode_png`)."""
     if alone:
         return tiles.nbytes <= INLINE_PNG_BYTES
     return pngs == 1 and tiles.nbytes <= SMALL_PNG_BYTES

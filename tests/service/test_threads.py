@@ -126,9 +126,9 @@ async def test_a_large_png_is_deflated_in_parts_on_the_image_threads_and_is_the_
 async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left_for_the_pngs(
     client: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Then the image threads encode a part's PNGs while the next part decodes. With other requests in progress, or a
-    decode that uses every core, there is no idle core to fill: whole batches, each batch's thread encoding the PNGs
-    of its own rows right after its decode."""
+    """Then the image threads encode a part's PNGs while the next part decodes. With other requests in progress there
+    is no idle core to fill: whole batches. Where single-thread lanes fill every core, whole batches too, each
+    batch's thread encoding the PNGs of its own rows right after its decode."""
     server = client.app.state.runtime  # type: ignore[attr-defined]
     decoder = server.decoders["mnist"]
     part_sizes: list[tuple[int, bool]] = []  # (part size, PNGs encoded on the batch's thread)
@@ -145,13 +145,29 @@ async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left
     assert server.spare_core == (torch.get_num_threads() < runtime.USABLE_CPUS)  # on the CPU, as the tests run
     monkeypatch.setattr(decoder, "parts", spy)
     monkeypatch.setattr(server, "spare_core", True)
+    monkeypatch.setattr(server, "pngs_on_batch_thread", False)
     await json_answer()
     server.active += 1  # another request in progress
     try:
         await json_answer()
     finally:
         server.active -= 1
-    monkeypatch.setattr(server, "spare_core", False)  # the decode's threads fill every core
+    monkeypatch.setattr(server, "spare_core", False)
+    monkeypatch.setattr(server, "pngs_on_batch_thread", True)  # two single-thread lanes on two cores
     await json_answer()
-    whole = (decoder.max_batch_size, True)
-    assert part_sizes == [(decoder.max_batch_size // 2, False), whole, whole]
+    half, whole = decoder.max_batch_size // 2, decoder.max_batch_size
+    assert part_sizes == [(half, False), (whole, False), (whole, True)]
+
+
+@pytest.mark.parametrize("accept", ["image/png", "application/json"])
+async def test_an_answer_is_the_same_bytes_whichever_thread_encodes_its_pngs(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, accept: str
+) -> None:
+    server = client.app.state.runtime  # type: ignore[attr-defined]
+    answers = []
+    for on_batch_thread in (False, True):
+        monkeypatch.setattr(server, "pngs_on_batch_thread", on_batch_thread)
+        r = await client.post("/sample", json={"model": "faces", "n": 1, "seed": 5}, headers={"Accept": accept})
+        assert r.status_code == 200 and r.headers["content-type"].startswith(accept)
+        answers.append(r.content)
+    assert answers[0] == answers[1]
