@@ -2,7 +2,8 @@
 
 One asyncio task per (model, operation) collects queued items into a batch once a thread is free for it
 (`lanes.Lanes`: the model thread, or under load on a CPU one of several single-thread lanes), runs it there
-as one call, and splits the result back to the waiting requests. The only request in progress runs at once, from
+as one call, splits the result there into each request's rows (put through the request's own `then`, if it has
+one: a JSON answer's PNGs, say) and answers the waiting requests. The only request in progress runs at once, from
 its own task (no collector, no queue); only when other requests are already queued does a batch wait (up to
 max_wait) for company. Every admitted item gets an answer: a result, or an exception if its batch failed or it
 expired.
