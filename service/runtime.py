@@ -71,10 +71,6 @@ class Runtime:
     draining: bool = False
     active: int = 0  # requests in progress, counted by the app's middleware: a drain waits for them
     spare_core: bool = False  # on the CPU with fewer torch threads than cores: a decode leaves a core to the PNG threads
-    # A batch's own thread encodes the PNGs its requests answer with, right after the decode: where single-thread lanes
-    # share every core, each lane encodes its own batch's while another decodes. Elsewhere the image threads encode
-    # them in parallel: on a GPU the model thread goes on to the next batch, with a spare core they use it meanwhile.
-    pngs_on_batch_thread: bool = False
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -113,7 +109,6 @@ class Runtime:
             lanes=Lanes(model_thread, single_thread_lanes(lanes) if lanes > 1 else ()),
             image_threads=ThreadPoolExecutor(max_workers=IMAGE_THREADS, thread_name_prefix="image"),
             spare_core=device.type == "cpu" and threads < USABLE_CPUS,
-            pngs_on_batch_thread=device.type == "cpu" and lanes > 1 and threads >= USABLE_CPUS,
         )
 
     @property
@@ -121,6 +116,14 @@ class Runtime:
         """Whether the request asking is the only one in progress (the middleware counts it among `active`): then
         nothing else waits for the event loop or a thread, and its work can skip the hand-offs meant for company."""
         return self.active <= 1
+
+    @property
+    def pngs_on_batch_thread(self) -> bool:
+        """Whether a batch's own thread encodes the PNGs its requests answer with, right after the decode: where
+        single-thread lanes share every core (lanes exist only on a CPU), each lane encodes its own batch's while
+        another decodes. Elsewhere the image threads encode them in parallel: on a GPU the model thread goes on to
+        the next batch, and with a spare core they use it meanwhile."""
+        return bool(self.lanes.singles) and not self.spare_core
 
     @property
     def max_batch_size(self) -> int:

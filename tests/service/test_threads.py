@@ -123,6 +123,19 @@ async def test_a_large_png_is_deflated_in_parts_on_the_image_threads_and_is_the_
     assert len(deflated_on) >= 2 and all(name.startswith("image") for name in deflated_on)
 
 
+def test_pngs_are_encoded_on_the_batch_s_thread_only_where_single_thread_lanes_share_every_core() -> None:
+    lanes = SimpleNamespace(singles=("lane0", "lane1"))
+    on = Runtime.pngs_on_batch_thread.fget  # type: ignore[attr-defined]
+    assert on(SimpleNamespace(lanes=lanes, spare_core=False))
+    assert not on(SimpleNamespace(lanes=lanes, spare_core=True))  # the image threads use the spare core meanwhile
+    assert not on(SimpleNamespace(lanes=SimpleNamespace(singles=()), spare_core=False))  # a GPU, or no lanes
+
+
+def pngs_on_batch_thread(monkeypatch: pytest.MonkeyPatch, value: bool) -> None:
+    """Whatever lanes and cores this machine gives the test app."""
+    monkeypatch.setattr(Runtime, "pngs_on_batch_thread", property(lambda self: value))
+
+
 async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left_for_the_pngs(
     client: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -145,7 +158,7 @@ async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left
     assert server.spare_core == (torch.get_num_threads() < runtime.USABLE_CPUS)  # on the CPU, as the tests run
     monkeypatch.setattr(decoder, "parts", spy)
     monkeypatch.setattr(server, "spare_core", True)
-    monkeypatch.setattr(server, "pngs_on_batch_thread", False)
+    pngs_on_batch_thread(monkeypatch, False)
     await json_answer()
     server.active += 1  # another request in progress
     try:
@@ -153,7 +166,7 @@ async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left
     finally:
         server.active -= 1
     monkeypatch.setattr(server, "spare_core", False)
-    monkeypatch.setattr(server, "pngs_on_batch_thread", True)  # two single-thread lanes on two cores
+    pngs_on_batch_thread(monkeypatch, True)  # as with two single-thread lanes on two cores
     await json_answer()
     half, whole = decoder.max_batch_size // 2, decoder.max_batch_size
     assert part_sizes == [(half, False), (whole, False), (whole, True)]
@@ -163,10 +176,9 @@ async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left
 async def test_an_answer_is_the_same_bytes_whichever_thread_encodes_its_pngs(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, accept: str
 ) -> None:
-    server = client.app.state.runtime  # type: ignore[attr-defined]
     answers = []
     for on_batch_thread in (False, True):
-        monkeypatch.setattr(server, "pngs_on_batch_thread", on_batch_thread)
+        pngs_on_batch_thread(monkeypatch, on_batch_thread)
         r = await client.post("/sample", json={"model": "faces", "n": 1, "seed": 5}, headers={"Accept": accept})
         assert r.status_code == 200 and r.headers["content-type"].startswith(accept)
         answers.append(r.content)
