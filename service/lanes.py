@@ -8,7 +8,8 @@ of 64 (943-1031 against 781-856, faces, decode+PNG): a team of two waits at the 
 thread, and under load the scheduler keeps lending one of them to the event loop or a PNG thread. A lane's ops
 never go parallel, so the lanes start no OpenMP teams of their own (see runtime.py for why a second team is
 costly), and no thread ever changes its thread count. The model thread and the lanes never compute at the same
-time: they would split the same cores.
+time: they would split the same cores. A lane, once taken, goes on with its batcher's queue by itself
+(`Batcher._compute`) until the queue is empty or another batcher waits for a thread.
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ def single_thread_lanes(count: int) -> list[ThreadPoolExecutor]:
 
 
 class Lanes:
-    """Hands out a thread to compute one batch on, and holds a batch back until its thread is free."""
+    """Hands out a thread to compute batches on, and holds a batch back until a thread is free for it."""
 
     def __init__(self, model_thread: ThreadPoolExecutor, singles: Sequence[ThreadPoolExecutor] = ()) -> None:
         self.model_thread = model_thread
         self.singles = tuple(singles)
         self._free = list(self.singles)
         self._solo_busy = False
-        self._waiting: list[asyncio.Future[None]] = []
+        # (who waits, what wakes it): None to look again for a free thread, or a lane handed straight to it
+        self._waiting: list[tuple[object, asyncio.Future[ThreadPoolExecutor | None]]] = []
 
     @property
     def idle(self) -> bool:
@@ -51,23 +53,29 @@ class Lanes:
         batch of 32, a batch of 1 at 30%, and on 2 cores 8 connections were served 20% slower on the lanes."""
         return bool(self.singles) and items > 1 and images >= LANE_MIN_IMAGES * len(self.singles)
 
-    async def take(self, queued: Callable[[], tuple[int, int]]) -> ThreadPoolExecutor:
+    async def take(self, queued: Callable[[], tuple[int, int]], owner: object = None) -> ThreadPoolExecutor:
         """Wait for a thread to compute the next batch on. `queued()` gives the items and images queued for it, this
         batch's own included. The model thread when nothing else computes and the work is not `worth_lanes`, else a
-        free lane (with no lanes: the model thread once it is free)."""
+        free lane (with no lanes: the model thread once it is free). `owner`: who waits (see `give_back`)."""
         while True:
             if self.idle and not self.worth_lanes(*queued()):
                 self._solo_busy = True
                 return self.model_thread
             if not self._solo_busy and self._free:
                 return self._free.pop()
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiting.append(waiter)
+            waiter: asyncio.Future[ThreadPoolExecutor | None] = asyncio.get_running_loop().create_future()
+            self._waiting.append((owner, waiter))
             try:
-                await waiter
+                handed = await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and (lane := waiter.result()) is not None:
+                    self.give_back(lane)  # handed over just as this waiter gave up
+                raise
             finally:
-                if waiter in self._waiting:
-                    self._waiting.remove(waiter)
+                if (owner, waiter) in self._waiting:
+                    self._waiting.remove((owner, waiter))
+            if handed is not None:
+                return handed
 
     def take_now(self) -> ThreadPoolExecutor | None:
         """The model thread, if nothing computes and no batch waits for a thread; else None. A lone request takes it
@@ -77,17 +85,32 @@ class Lanes:
             return self.model_thread
         return None
 
+    def _first_waiting_besides(self, owner: object) -> tuple[object, asyncio.Future[ThreadPoolExecutor | None]] | None:
+        return next((w for w in self._waiting if w[0] is not owner and not w[1].done()), None)
+
+    def others_waiting(self, owner: object) -> bool:
+        """Whether anyone but `owner` waits for a thread. Safe from any thread: a lane that goes on with its own
+        batcher's queue asks it after each batch, and a waiter it misses by a moment waits that lane's next batch."""
+        return any(who is not owner for who, _ in list(self._waiting))
+
     def kind(self, thread: ThreadPoolExecutor) -> str:
         """What the metrics call `thread`: "model" or "lane"."""
         return "model" if thread is self.model_thread else "lane"
 
-    def give_back(self, thread: ThreadPoolExecutor) -> None:
+    def give_back(self, thread: ThreadPoolExecutor, owner: object = None) -> None:
+        """`owner` hands `thread` back. A lane goes straight to the first who waits for one on behalf of someone else:
+        a batcher that kept its lanes under steady load (`Batcher._compute`) gives them up, when another waits, to that
+        one, not back to its own collector."""
         if thread is self.model_thread:
             self._solo_busy = False
+        elif owner is not None and (other := self._first_waiting_besides(owner)) is not None:
+            self._waiting.remove(other)
+            other[1].set_result(thread)
+            return
         else:
             self._free.append(thread)
         waiting, self._waiting = self._waiting, []
-        for waiter in waiting:  # each checks again whether there is room for it
+        for _, waiter in waiting:  # each checks again whether there is room for it
             if not waiter.done():
                 waiter.set_result(None)
 

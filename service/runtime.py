@@ -97,7 +97,7 @@ class Runtime:
                     "version": str(m.get("version", "")), "sha256": model.artifact.sha256, "device": str(device),
                     "precision": model.precision, "cuda_graphs": str(bool(model.graphs)).lower(),
                 })
-        threads = torch.get_num_threads()
+        threads = model_thread.submit(torch.get_num_threads).result()  # the count the model thread computes with
         lanes = (settings.cpu_lanes or default_lanes(threads)) if device.type == "cpu" else 1
         return cls(
             settings=settings,

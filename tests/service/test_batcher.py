@@ -110,6 +110,21 @@ async def test_a_drain_waits_for_a_lone_request_and_a_stop_answers_one_still_com
     rec.release.set()
 
 
+
+async def test_a_drain_waits_for_a_batch_still_gathering_company_and_a_stop_answers_it() -> None:
+    rec, b = held(max_wait_s=10)
+    first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=30))  # holds the model thread
+    await asyncio.sleep(0.01)
+    gathering = [asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=30)) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    rec.release.set()
+    await first
+    await asyncio.sleep(0.05)  # the two are out of the queue, in a batch that waits up to 10 s for more
+    assert not any(request.done() for request in gathering)
+    await b.drain(timeout_s=0.1)
+    outcomes = await asyncio.wait_for(asyncio.gather(*gathering, return_exceptions=True), 1)
+    assert all(isinstance(outcome, NotServing) for outcome in outcomes)  # not left to wait out their deadline
+
 async def test_a_lone_request_after_the_threads_were_shut_down_is_refused_and_leaves_no_thread_taken() -> None:
     lanes = Lanes(ThreadPoolExecutor(1))
     b = make(Recorder(), lanes=lanes)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from service.batcher import Batcher
+from service.batcher import Batcher, NotServing
 from service.lanes import LANE_MIN_IMAGES, Lanes, single_thread_lanes
 from service.metrics import Metrics
 from service.runtime import Runtime
@@ -154,6 +154,86 @@ async def test_a_batch_for_a_lane_starts_with_what_is_queued_and_one_on_the_mode
         await b.stop()
         lanes.shutdown()
 
+
+
+class HeldLanes:
+    """Two single-thread lanes whose model calls wait for `release`, and what each call saw: (model, thread, size)."""
+
+    def __init__(self) -> None:
+        self.lanes = Lanes(ThreadPoolExecutor(1, thread_name_prefix="model"), single_thread_lanes(2))
+        self.release = threading.Event()
+        self.calls: list[tuple[str, str, int]] = []
+
+    def batcher(self, name: str) -> Batcher:
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            self.release.wait(5)
+            time.sleep(0.01)  # a model call's time: much longer than the event loop takes to hand out a thread
+            self.calls.append((name, threading.current_thread().name, len(x)))
+            return x * 2
+
+        b = Batcher(name, "decode", predict, self.lanes, Metrics(), max_batch_size=LANE_MIN_IMAGES, max_wait_s=0.001,
+                    queue_size=256)
+        b.start()
+        return b
+
+    def requests(self, b: Batcher, count: int) -> list[asyncio.Task[tuple[torch.Tensor, ...]]]:
+        """`count` requests of a full batch each."""
+        return [asyncio.create_task(b.submit(torch.ones(LANE_MIN_IMAGES, 1), timeout_s=5)) for _ in range(count)]
+
+
+async def test_a_lane_goes_straight_on_with_what_was_queued_while_the_event_loop_is_busy() -> None:
+    """Under load a lane takes its next batch itself: it does not wait for the event loop, which is busy with the
+    answers of the batch just computed and with the next requests' HTTP."""
+    held = HeldLanes()
+    b = held.batcher("m")
+    try:
+        answers = held.requests(b, 6)
+        await asyncio.sleep(0.05)  # two batches on the lanes, four queued behind them
+        held.release.set()
+        time.sleep(0.3)  # the event loop busy: the lanes go on by themselves
+        assert len(held.calls) == 6 and {thread for _, thread, _ in held.calls} == {"lane0_0", "lane1_0"}
+        assert all(len(out) == LANE_MIN_IMAGES for (out,) in await asyncio.gather(*answers))
+        assert held.lanes.idle  # queue empty: both lanes handed back
+    finally:
+        await b.stop()
+        held.lanes.shutdown()
+
+
+async def test_a_lane_hands_its_thread_back_when_another_model_waits_for_one() -> None:
+    """A model under steady load keeps its lanes only while no other model waits: the other's batch runs after at
+    most one more batch on each lane, not after the whole queue."""
+    held = HeldLanes()
+    busy, other = held.batcher("busy"), held.batcher("other")
+    try:
+        answers = held.requests(busy, 12)
+        await asyncio.sleep(0.05)
+        answers += held.requests(other, 1)
+        await asyncio.sleep(0.05)  # its collector waits for a thread
+        held.release.set()
+        await asyncio.gather(*answers)
+        models = [model for model, _, _ in held.calls]
+        assert models.index("other") <= 4  # two batches computing, at most one more on each lane, then its own
+    finally:
+        await busy.stop()
+        await other.stop()
+        held.lanes.shutdown()
+
+
+async def test_a_stop_answers_the_batches_on_the_lanes_and_they_take_nothing_more() -> None:
+    held = HeldLanes()
+    b = held.batcher("m")
+    try:
+        answers = held.requests(b, 6)
+        await asyncio.sleep(0.05)
+        await b.stop()  # the lanes' batches may never finish: answered now
+        outcomes = await asyncio.wait_for(asyncio.gather(*answers, return_exceptions=True), 1)
+        assert all(isinstance(o, NotServing) for o in outcomes)
+        held.release.set()
+        await asyncio.sleep(0.1)
+        assert len(held.calls) == 2 and held.lanes.idle  # the two that were computing; then both handed back
+    finally:
+        held.release.set()
+        held.lanes.shutdown()
 
 def test_lanes_share_the_batch_limit_so_batches_in_flight_hold_no_more_images_than_one(settings: Settings) -> None:
     for cpu_lanes, singles, batch in ((2, 2, settings.max_batch_size // 2), (1, 0, settings.max_batch_size)):
