@@ -202,8 +202,13 @@ class Runtime:
         self, name: str, z: Tensor, part_size: int, then: Callable[[tuple[Tensor, ...]], list[bytes]]
     ) -> list[bytes]:
         """Decode `z` in parts of `part_size`, each put through `then` (one item per image) on its batch's thread."""
+        decoder = self.decoders[name]
+        if len(z) <= min(part_size, decoder.max_batch_size):  # one part, as most requests are
+            pngs: list[bytes] = await decoder.one(z, self.settings.request_timeout_s, alone=self.alone, then=then)
+            self.metrics.images.labels(name).inc(len(pngs))
+            return pngs
         done: list[bytes] = []
-        parts = self.decoders[name].parts(z, self.settings.request_timeout_s, part_size, alone=self.alone, then=then)
+        parts = decoder.parts(z, self.settings.request_timeout_s, part_size, alone=self.alone, then=then)
         async with contextlib.aclosing(parts) as results:  # a part failed: the others are dropped
             async for result in results:
                 self.metrics.images.labels(name).inc(len(result))

@@ -144,12 +144,12 @@ async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left
     batch's thread encoding the PNGs of its own rows right after its decode."""
     server = client.app.state.runtime  # type: ignore[attr-defined]
     decoder = server.decoders["mnist"]
-    part_sizes: list[tuple[int, bool]] = []  # (part size, PNGs encoded on the batch's thread)
-    parts = decoder.parts
+    batches: list[tuple[int, bool]] = []  # (part size, PNGs encoded on the batch's thread), one per model call
+    call_batch = decoder._call_batch
 
-    def spy(inputs: torch.Tensor, timeout_s: float, part_size: int, alone: bool, then: object = None) -> object:
-        part_sizes.append((part_size, then is not None))
-        return parts(inputs, timeout_s, part_size, alone=alone, then=then)
+    def spy(parts: list[torch.Tensor], thens: list[object]) -> object:
+        batches.extend((len(part), then is not None) for part, then in zip(parts, thens, strict=True))
+        return call_batch(parts, thens)
 
     async def json_answer() -> None:
         body = {"model": "mnist", "n": decoder.max_batch_size}
@@ -157,7 +157,7 @@ async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left
 
     model_threads = server.lanes.model_thread.submit(torch.get_num_threads).result()
     assert server.spare_core == (model_threads < runtime.USABLE_CPUS)  # on the CPU, as the tests run
-    monkeypatch.setattr(decoder, "parts", spy)
+    monkeypatch.setattr(decoder, "_call_batch", spy)
     monkeypatch.setattr(server, "spare_core", True)
     pngs_on_batch_thread(monkeypatch, False)
     await json_answer()
@@ -170,7 +170,7 @@ async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left
     pngs_on_batch_thread(monkeypatch, True)  # as with two single-thread lanes on two cores
     await json_answer()
     half, whole = decoder.max_batch_size // 2, decoder.max_batch_size
-    assert part_sizes == [(half, False), (whole, False), (whole, True)]
+    assert batches == [(half, False), (half, False), (whole, False), (whole, True)]
 
 
 @pytest.mark.parametrize("accept", ["image/png", "application/json"])
