@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, overload
+from typing import Any, Protocol, TypeVar, overload
 
 import numpy as np
 import torch
@@ -33,6 +33,16 @@ from service.metrics import Metrics
 
 log = logging.getLogger("vae_serve.batcher")
 
+class Deferred(Protocol):
+    """Inputs made on the batch's thread, right before the model call, rather than on the event loop: len() rows,
+    called for the tensor (`routes.Prior`: a request's latents, drawn from its seed)."""
+
+    def __len__(self) -> int: ...
+
+    def __call__(self) -> Tensor: ...
+
+
+Inputs = Tensor | Deferred
 # A model call: a batch of inputs (B, ...) -> one tensor or a tuple of tensors, each with B rows.
 Predict = Callable[[Tensor], Tensor | tuple[Tensor, ...]]
 # What each checked output becomes before it leaves the device, once per batch (decoders: uint8 pixels).
@@ -92,7 +102,7 @@ class _Raised:
 
 @dataclass
 class _Item:
-    inputs: Tensor  # (k, ...) with k <= max_batch_size
+    inputs: Inputs  # (k, ...) with k <= max_batch_size
     future: asyncio.Future[Any]  # its rows of the outputs, or what `then` made of them
     deadline: float  # loop.time()
     request: int  # which submission it is part of: parts of one request never share a batch
@@ -171,10 +181,11 @@ class Batcher:
         finally:
             self._reserved -= n
 
-    async def submit(self, inputs: Tensor, timeout_s: float, *, alone: bool = False) -> tuple[Tensor, ...]:
+    async def submit(self, inputs: Inputs, timeout_s: float, *, alone: bool = False) -> tuple[Tensor, ...]:
         """Queue `inputs` (split into batch-sized items) and wait for all their outputs. `alone`: see `parts`."""
         if len(inputs) <= self.max_batch_size:
             return await self.one(inputs, timeout_s, alone=alone)
+        inputs = inputs if isinstance(inputs, Tensor) else inputs()  # to be split here
         parts = [part async for part in self.parts(inputs, timeout_s, self.max_batch_size, alone=alone)]
         if len(parts) == 1:
             return parts[0]
@@ -216,7 +227,7 @@ class Batcher:
                 if not item.future.done():
                     item.future.cancel()  # the collector skips it
 
-    async def one(self, inputs: Tensor, timeout_s: float, *, alone: bool = False, then: Then | None = None) -> Any:
+    async def one(self, inputs: Inputs, timeout_s: float, *, alone: bool = False, then: Then | None = None) -> Any:
         """`parts` for inputs of one part (at most `max_batch_size` rows), as a plain coroutine. The async generator,
         its `aclosing` and `asyncio.timeout_at` around the wait took a fifth of the event loop's GIL samples at 64
         connections (py-spy --gil); without them the loop holds the GIL 29% less per request: mnist at 64 connections
@@ -234,7 +245,7 @@ class Batcher:
             if not item.future.done():
                 item.future.cancel()  # the collector skips it
 
-    def _enqueue(self, chunks: Sequence[Tensor], deadline: float, then: Then | None) -> list[_Item]:
+    def _enqueue(self, chunks: Sequence[Inputs], deadline: float, then: Then | None) -> list[_Item]:
         """Queue one request's parts, each an item of its own (`_take_into` keeps them out of each other's batch)."""
         loop = asyncio.get_running_loop()
         self._submissions += 1
@@ -259,7 +270,7 @@ class Batcher:
             answer.set_exception(DeadlineExceeded(f"no answer from model {self.name!r} within {timeout_s:g}s"))
 
     async def _compute_now(
-        self, thread: ThreadPoolExecutor, inputs: Tensor, then: Then | None, deadline: float, timeout_s: float
+        self, thread: ThreadPoolExecutor, inputs: Inputs, then: Then | None, deadline: float, timeout_s: float
     ) -> Any:
         """A lone request's batch, computed from the request's own task: past the collector and its queue, a loop
         iteration less each way. A lone `mnist` request on 2 cores: 0.86 -> 0.81 ms p50 (wrk, alternating servers;
@@ -435,10 +446,11 @@ class Batcher:
         self._computing.pop(thread, None)
         self._answer_batch(live, outcome)
 
-    def _call_batch(self, parts: list[Tensor], thens: list[Then | None]) -> list[Any]:
-        """On the batch's thread: `_call` the parts as one batch, then split the outputs into each part's rows, put
-        through its `then` if it has one."""
-        outputs = self._call(torch.cat(parts) if len(parts) > 1 else parts[0])  # torch.cat here: see runtime.py
+    def _call_batch(self, parts: list[Inputs], thens: list[Then | None]) -> list[Any]:
+        """On the batch's thread: make the parts' `Deferred` inputs, `_call` the parts as one batch, then split the
+        outputs into each part's rows, put through its `then` if it has one."""
+        made = [part if isinstance(part, Tensor) else part() for part in parts]
+        outputs = self._call(torch.cat(made) if len(made) > 1 else made[0])  # torch.cat here: see runtime.py
         answers: list[Any] = []
         offset = 0
         for part, then in zip(parts, thens, strict=True):

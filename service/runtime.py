@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from service import cpus, graphs, imaging, malloc
-from service.batcher import Batcher, NotServing, as_float32
+from service.batcher import Batcher, Inputs, NotServing, as_float32
 from service.lanes import Lanes, single_thread_lanes
 from service.metrics import Metrics
 from service.repository import ServedModel, describe, discover, load_model, pick_device, pick_dtype
@@ -182,14 +182,14 @@ class Runtime:
     def describe(self) -> list[dict[str, Any]]:
         return [describe(m) for m in self.models.values()]
 
-    async def decode(self, name: str, z: Tensor) -> Tensor:
+    async def decode(self, name: str, z: Inputs) -> Tensor:
         """Latents (N, latent_dim) -> uint8 images (N, H, W, C), ready for PNG encoding."""
         (images,) = await self.decoders[name].submit(z, self.settings.request_timeout_s, alone=self.alone)
         self.metrics.images.labels(name).inc(len(images))
         return images
 
-    async def decode_png(self, name: str, z: Tensor) -> bytes:
-        """One latent (1, latent_dim) -> its image's PNG. With `pngs_on_batch_thread`, the batch's thread encodes it
+    async def decode_png(self, name: str, z: Inputs) -> bytes:
+        """One latent (1, latent_dim), or what draws it on the batch's thread -> its image's PNG. With `pngs_on_batch_thread`, the batch's thread encodes it
         right after the decode (`then`), not the event loop or an image thread after two more hand-offs. 2 cores,
         2 torch threads, alternating servers: mnist at 64 connections 3,727 -> 4,043 requests/s; faces alone p99
         9.4 -> 3.3 ms (p50 within the noise), at 8 and 64 connections the same (bench/README.md)."""
@@ -199,7 +199,7 @@ class Runtime:
         return png
 
     async def _decode_then(
-        self, name: str, z: Tensor, part_size: int, then: Callable[[tuple[Tensor, ...]], list[bytes]]
+        self, name: str, z: Inputs, part_size: int, then: Callable[[tuple[Tensor, ...]], list[bytes]]
     ) -> list[bytes]:
         """Decode `z` in parts of `part_size`, each put through `then` (one item per image) on its batch's thread."""
         decoder = self.decoders[name]
@@ -208,6 +208,7 @@ class Runtime:
             self.metrics.images.labels(name).inc(len(pngs))
             return pngs
         done: list[bytes] = []
+        z = z if isinstance(z, Tensor) else z()  # to be split here
         parts = decoder.parts(z, self.settings.request_timeout_s, part_size, alone=self.alone, then=then)
         async with contextlib.aclosing(parts) as results:  # a part failed: the others are dropped
             async for result in results:

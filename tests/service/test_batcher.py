@@ -156,6 +156,30 @@ async def test_large_requests_are_split_so_no_batch_exceeds_the_limit() -> None:
     await b.stop()
 
 
+
+async def test_deferred_inputs_are_made_on_the_batch_s_thread_unless_they_must_be_split_first() -> None:
+    made_on: list[str] = []
+
+    class Ones:  # a batcher.Deferred
+        def __init__(self, rows: int) -> None:
+            self.rows = rows
+
+        def __len__(self) -> int:
+            return self.rows
+
+        def __call__(self) -> torch.Tensor:
+            made_on.append(threading.current_thread().name)
+            return torch.ones(self.rows, 1)
+
+    rec = Recorder()
+    b = make(rec)
+    for rows in (3, 20):  # one batch; then more than the batch limit: made here, and split
+        (out,) = await b.submit(Ones(rows), timeout_s=5)
+        assert out.squeeze(1).tolist() == [2.0] * rows
+    here = threading.current_thread().name
+    assert made_on[0] != here and made_on[1] == here and rec.sizes == [3, 8, 8, 4]
+    await b.stop()
+
 async def test_a_request_in_parts_gets_each_part_from_a_batch_of_its_own_in_order() -> None:
     rec, b = held()  # everything is queued before the first batch runs: the parts still do not merge
     parts = b.parts(torch.arange(10.0)[:, None], timeout_s=5, part_size=4)
