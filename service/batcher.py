@@ -33,6 +33,7 @@ from service.metrics import Metrics
 
 log = logging.getLogger("vae_serve.batcher")
 
+
 class Deferred(Protocol):
     """Inputs made on the batch's thread, right before the model call, rather than on the event loop: len() rows,
     called for the tensor (`routes.Prior`: a request's latents, drawn from its seed)."""

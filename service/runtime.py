@@ -189,10 +189,11 @@ class Runtime:
         return images
 
     async def decode_png(self, name: str, z: Inputs) -> bytes:
-        """One latent (1, latent_dim), or what draws it on the batch's thread -> its image's PNG. With `pngs_on_batch_thread`, the batch's thread encodes it
-        right after the decode (`then`), not the event loop or an image thread after two more hand-offs. 2 cores,
-        2 torch threads, alternating servers: mnist at 64 connections 3,727 -> 4,043 requests/s; faces alone p99
-        9.4 -> 3.3 ms (p50 within the noise), at 8 and 64 connections the same (bench/README.md)."""
+        """One latent (1, latent_dim), or what draws it on the batch's thread (`batcher.Deferred`) -> its image's PNG.
+        With `pngs_on_batch_thread`, the batch's thread encodes it right after the decode (`then`), not the event loop
+        or an image thread after two more hand-offs. 2 cores, 2 torch threads, alternating servers: mnist at 64
+        connections 3,727 -> 4,043 requests/s; faces alone p99 9.4 -> 3.3 ms (p50 within the noise), at 8 and 64
+        connections the same (bench/README.md)."""
         if not self.pngs_on_batch_thread:
             return await self.grid_png(await self.decode(name, z), None)
         (png,) = await self._decode_then(name, z, self.decoders[name].max_batch_size, _pngs_of)
