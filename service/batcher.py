@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, overload
 
@@ -279,17 +278,18 @@ class Batcher:
         self._queue_seconds.observe(0.0)
         loop = asyncio.get_running_loop()
         try:
-            work = loop.run_in_executor(thread, self._recorded_call, thread, [inputs], [then])
+            work = thread.submit(self._recorded_call, thread, [inputs], [then])
         except RuntimeError:  # the thread was shut down: the service is stopping
             self._lanes.give_back(thread)
             raise NotServing("the service is shutting down") from None
         answer: asyncio.Future[Any] = loop.create_future()  # a request that gives up cancels this alone
         self._computing_now.add(answer)
-        work.add_done_callback(functools.partial(self._computed_now, thread, len(inputs), answer))
+        # Straight back to the event loop from the thread: one loop pass less than an asyncio future around `work`.
+        work.add_done_callback(lambda done: _to_loop(loop, self._computed_now, thread, len(inputs), answer, done))
         return await self._wait(answer, deadline, timeout_s)
 
     def _computed_now(
-        self, thread: ThreadPoolExecutor, size: int, answer: asyncio.Future[Any], work: asyncio.Future[list[Any]]
+        self, thread: ThreadPoolExecutor, size: int, answer: asyncio.Future[Any], work: Future[list[Any]]
     ) -> None:
         """The thread is done with a lone request's batch: answer the request, if it still waits (`stop` may have)."""
         self._lanes.give_back(thread)
