@@ -110,7 +110,6 @@ async def test_a_drain_waits_for_a_lone_request_and_a_stop_answers_one_still_com
     rec.release.set()
 
 
-
 async def test_a_drain_waits_for_a_batch_still_gathering_company_and_a_stop_answers_it() -> None:
     rec, b = held(max_wait_s=10)
     first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=30))  # holds the model thread
@@ -124,6 +123,7 @@ async def test_a_drain_waits_for_a_batch_still_gathering_company_and_a_stop_answ
     await b.drain(timeout_s=0.1)
     outcomes = await asyncio.wait_for(asyncio.gather(*gathering, return_exceptions=True), 1)
     assert all(isinstance(outcome, NotServing) for outcome in outcomes)  # not left to wait out their deadline
+
 
 async def test_a_lone_request_after_the_threads_were_shut_down_is_refused_and_leaves_no_thread_taken() -> None:
     lanes = Lanes(ThreadPoolExecutor(1))
@@ -156,7 +156,6 @@ async def test_large_requests_are_split_so_no_batch_exceeds_the_limit() -> None:
     await b.stop()
 
 
-
 async def test_deferred_inputs_are_made_on_the_batch_s_thread_unless_they_must_be_split_first() -> None:
     made_on: list[str] = []
 
@@ -179,6 +178,7 @@ async def test_deferred_inputs_are_made_on_the_batch_s_thread_unless_they_must_b
     here = threading.current_thread().name
     assert made_on[0] != here and made_on[1] == here and rec.sizes == [3, 8, 8, 4]
     await b.stop()
+
 
 async def test_a_request_in_parts_gets_each_part_from_a_batch_of_its_own_in_order() -> None:
     rec, b = held()  # everything is queued before the first batch runs: the parts still do not merge

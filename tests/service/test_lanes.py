@@ -155,7 +155,6 @@ async def test_a_batch_for_a_lane_starts_with_what_is_queued_and_one_on_the_mode
         lanes.shutdown()
 
 
-
 class HeldLanes:
     """Two single-thread lanes whose model calls wait for `release`, and what each call saw: (model, thread, size)."""
 
@@ -234,6 +233,7 @@ async def test_a_stop_answers_the_batches_on_the_lanes_and_they_take_nothing_mor
     finally:
         held.release.set()
         held.lanes.shutdown()
+
 
 def test_lanes_share_the_batch_limit_so_batches_in_flight_hold_no_more_images_than_one(settings: Settings) -> None:
     for cpu_lanes, singles, batch in ((2, 2, settings.max_batch_size // 2), (1, 0, settings.max_batch_size)):

@@ -76,9 +76,10 @@ async def test_a_grid_holds_the_images_the_same_seed_gives_as_json(client: httpx
         assert np.array_equal(grid[top : top + 32, left : left + 32], image)
 
 
-
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
-async def test_one_image_is_the_same_whichever_thread_draws_its_latents(client: httpx.AsyncClient, temperature: float) -> None:
+async def test_one_image_is_the_same_whichever_thread_draws_its_latents(
+    client: httpx.AsyncClient, temperature: float
+) -> None:
     """A one-image PNG answer draws its latents on the batch's thread, a JSON answer on the event loop (it returns
     them): the seed's own generator gives the same latents, so the same image, on either."""
     request = {"model": "faces", "seed": 9, "temperature": temperature}
@@ -86,6 +87,7 @@ async def test_one_image_is_the_same_whichever_thread_draws_its_latents(client: 
     body = (await client.post("/sample", json=request, headers={"accept": "application/json"})).json()
     z = torch.randn(1, len(body["latents"][0]), generator=torch.Generator().manual_seed(9)) * temperature
     assert torch.tensor(body["latents"]).allclose(z) and base64.b64decode(body["images"][0]) == png
+
 
 async def test_temperature_zero_is_rejected(client: httpx.AsyncClient) -> None:
     r = await client.post("/sample", json={"model": "faces", "temperature": 0})
