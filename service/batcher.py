@@ -185,7 +185,6 @@ class Batcher:
         """Queue `inputs` (split into batch-sized items) and wait for all their outputs. `alone`: see `parts`."""
         if len(inputs) <= self.max_batch_size:
             return await self.one(inputs, timeout_s, alone=alone)
-        inputs = inputs if isinstance(inputs, Tensor) else inputs()  # to be split here
         parts = [part async for part in self.parts(inputs, timeout_s, self.max_batch_size, alone=alone)]
         if len(parts) == 1:
             return parts[0]
@@ -194,16 +193,16 @@ class Batcher:
 
     @overload
     def parts(
-        self, inputs: Tensor, timeout_s: float, part_size: int, *, alone: bool = False, then: None = None
+        self, inputs: Inputs, timeout_s: float, part_size: int, *, alone: bool = False, then: None = None
     ) -> AsyncGenerator[tuple[Tensor, ...], None]: ...
 
     @overload
     def parts(
-        self, inputs: Tensor, timeout_s: float, part_size: int, *, alone: bool = False, then: Callable[[tuple[Tensor, ...]], _R]
+        self, inputs: Inputs, timeout_s: float, part_size: int, *, alone: bool = False, then: Callable[[tuple[Tensor, ...]], _R]
     ) -> AsyncGenerator[_R, None]: ...
 
     async def parts(
-        self, inputs: Tensor, timeout_s: float, part_size: int, *, alone: bool = False, then: Then | None = None
+        self, inputs: Inputs, timeout_s: float, part_size: int, *, alone: bool = False, then: Then | None = None
     ) -> AsyncGenerator[Any, None]:
         """Queue `inputs` in parts of up to `part_size` rows, each computed in a batch of its own (other requests may
         join it), and yield their outputs in order as they come: the caller can work on one part while the next is
@@ -218,6 +217,7 @@ class Batcher:
             return
         self._admit(len(inputs))
         deadline = asyncio.get_running_loop().time() + timeout_s
+        inputs = inputs if isinstance(inputs, Tensor) else inputs()  # `Deferred` inputs are made here, to be split
         items = self._enqueue(inputs.split(part_size), deadline, then)  # split: no torch call, see routes
         try:
             for item in items:

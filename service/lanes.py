@@ -86,12 +86,13 @@ class Lanes:
         return None
 
     def _first_waiting_besides(self, owner: object) -> tuple[object, asyncio.Future[ThreadPoolExecutor | None]] | None:
-        return next((w for w in self._waiting if w[0] is not owner and not w[1].done()), None)
+        # over a copy: `others_waiting` asks from a lane's thread while the event loop changes the list
+        return next((w for w in list(self._waiting) if w[0] is not owner and not w[1].done()), None)
 
     def others_waiting(self, owner: object) -> bool:
         """Whether anyone but `owner` waits for a thread. Safe from any thread: a lane that goes on with its own
         batcher's queue asks it after each batch, and a waiter it misses by a moment waits that lane's next batch."""
-        return any(who is not owner for who, _ in list(self._waiting))
+        return self._first_waiting_besides(owner) is not None
 
     def kind(self, thread: ThreadPoolExecutor) -> str:
         """What the metrics call `thread`: "model" or "lane"."""

@@ -196,21 +196,18 @@ class Runtime:
         connections the same (bench/README.md)."""
         if not self.pngs_on_batch_thread:
             return await self.grid_png(await self.decode(name, z), None)
-        (png,) = await self._decode_then(name, z, self.decoders[name].max_batch_size, _pngs_of)
+        (png,) = await self._decode_then(name, z, _pngs_of)
         return png
 
-    async def _decode_then(
-        self, name: str, z: Inputs, part_size: int, then: Callable[[tuple[Tensor, ...]], list[bytes]]
-    ) -> list[bytes]:
-        """Decode `z` in parts of `part_size`, each put through `then` (one item per image) on its batch's thread."""
+    async def _decode_then(self, name: str, z: Inputs, then: Callable[[tuple[Tensor, ...]], list[bytes]]) -> list[bytes]:
+        """Decode `z` in batch-sized parts, each put through `then` (one item per image) on its batch's thread."""
         decoder = self.decoders[name]
-        if len(z) <= min(part_size, decoder.max_batch_size):  # one part, as most requests are
+        if len(z) <= decoder.max_batch_size:  # one part, as most requests are: no async generator (`Batcher.one`)
             pngs: list[bytes] = await decoder.one(z, self.settings.request_timeout_s, alone=self.alone, then=then)
             self.metrics.images.labels(name).inc(len(pngs))
             return pngs
         done: list[bytes] = []
-        z = z if isinstance(z, Tensor) else z()  # to be split here
-        parts = decoder.parts(z, self.settings.request_timeout_s, part_size, alone=self.alone, then=then)
+        parts = decoder.parts(z, self.settings.request_timeout_s, decoder.max_batch_size, alone=self.alone, then=then)
         async with contextlib.aclosing(parts) as results:  # a part failed: the others are dropped
             async for result in results:
                 self.metrics.images.labels(name).inc(len(result))
@@ -231,7 +228,7 @@ class Runtime:
         at 2 connections they only made smaller batches (-12%). Parts of 16 were slower than 32."""
         decoder = self.decoders[name]
         if self.pngs_on_batch_thread:
-            return await self._decode_then(name, z, decoder.max_batch_size, _base64_pngs_of)
+            return await self._decode_then(name, z, _base64_pngs_of)
         in_parts = self.spare_core and self.alone
         part_size = max(1, decoder.max_batch_size // 2) if in_parts else decoder.max_batch_size
         encoding: list[asyncio.Task[list[bytes]]] = []
