@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", type=lambda s: [v for v in s.split(",") if v],
                    help="comma-separated models to measure (default: every model in --models-dir)")
     p.add_argument("--threads", type=comma_ints, default=[0],
-                   help="VAE_TORCH_THREADS values to measure, e.g. 1,2 (0: torch's default; default: 0)")
+                   help="VAE_TORCH_THREADS values to measure, e.g. 1,2 (0: the service's default; default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... for the ceiling and the service (VAE_DEVICE)")
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="the models' dtype for the ceiling and the service (VAE_PRECISION; default auto)")

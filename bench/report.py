@@ -283,7 +283,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "## Ceiling: in-process images/s (one Python thread, no HTTP)", "", *ceiling_table(results["ceiling"])]
     for service in results["service"]:
         mem = service["memory_mib"]
-        default = " (torch's default)" if not service["threads_setting"] else ""
+        default = " (the service's default: torch's on a CPU, 1 on a GPU)" if not service["threads_setting"] else ""
         starts = f" ({detail})" if (detail := _ready_starts(service)) else ""
         lines += [
             "",

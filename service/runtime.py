@@ -75,13 +75,12 @@ class Runtime:
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
         """Load and warm up every model in the repository on the model thread (slow: call it off the event loop)."""
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        elif torch.get_num_threads() > USABLE_CPUS:  # torch counted the host's cores (see cpus.py)
-            log.info("torch threads %d -> %d: the CPUs this process may use", torch.get_num_threads(), USABLE_CPUS)
-            torch.set_num_threads(USABLE_CPUS)
-        malloc.reuse_freed_memory()
         device, dtype = pick_device(settings.device), pick_dtype(settings.precision)
+        threads = pick_threads(settings.torch_threads, device)
+        if threads != torch.get_num_threads():
+            log.info("torch threads %d -> %d", torch.get_num_threads(), threads)
+            torch.set_num_threads(threads)
+        malloc.reuse_freed_memory()
         sizes = graphs.batch_sizes(settings.max_batch_size) if settings.cuda_graphs else ()
         model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         models = model_thread.submit(
@@ -313,6 +312,17 @@ class Runtime:
         adler = run(zlib.adler32, rows.data)
         parts = await asyncio.gather(*(run(imaging.deflate_rows, c, i == len(chunks) - 1) for i, c in enumerate(chunks)))
         return await run(imaging.png_from_parts, shape, parts, await adler)
+
+
+def pick_threads(setting: int, device: torch.device) -> int:
+    """Intra-op threads for the torch ops the service runs on the CPU. The setting when there is one. On a GPU, one:
+    there the CPU's torch work is joining batches and copying them, and every thread of a larger OpenMP team spins
+    after each op, which on an H200's 16 cores burned 7 of them under /encode load and served 0.7x the images of one
+    thread (bench/README.md, *On a GPU*). On a CPU, torch's default, but at most the CPUs this process may use
+    (torch counts the host's cores: see cpus.py)."""
+    if setting:
+        return setting
+    return 1 if device.type == "cuda" else min(torch.get_num_threads(), USABLE_CPUS)
 
 
 def default_lanes(torch_threads: int) -> int:

@@ -21,8 +21,8 @@ class Settings(BaseSettings):
         1, ge=1, le=64, description="server processes on the port, each with every model: for GPU hosts (see README)"
     )
     torch_threads: int = Field(
-        0, ge=0, description="intra-op threads for torch; 0: torch's default, at most the CPUs the process may use "
-        "(its affinity and its container's CPU quota)",
+        0, ge=0, description="intra-op threads for torch's CPU work; 0: on a GPU 1, on a CPU torch's default, at most "
+        "the CPUs the process may use (its affinity and its container's CPU quota)",
     )
     cpu_lanes: int = Field(
         0, ge=0, le=256,

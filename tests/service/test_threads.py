@@ -40,6 +40,18 @@ def test_models_load_and_warm_up_on_the_model_thread_that_later_runs_them(
         rt.image_threads.shutdown()
 
 
+def test_torch_runs_one_thread_beside_a_gpu_and_at_most_the_cpus_it_may_use_on_a_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Beside a GPU, the CPU's torch work is joining and copying batches, where a larger OpenMP team only spins. The
+    setting, when there is one, wins."""
+    monkeypatch.setattr(runtime, "USABLE_CPUS", 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)  # torch counted the host's cores
+    assert runtime.pick_threads(0, torch.device("cuda")) == 1
+    assert runtime.pick_threads(0, torch.device("cpu")) == 2
+    assert runtime.pick_threads(3, torch.device("cuda")) == runtime.pick_threads(3, torch.device("cpu")) == 3
+
+
 async def test_a_request_larger_than_a_batch_is_reassembled_in_order(
     client: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -156,7 +168,7 @@ async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left
         assert (await client.post("/sample", json=body, headers={"Accept": "application/json"})).status_code == 200
 
     model_threads = server.lanes.model_thread.submit(torch.get_num_threads).result()
-    assert server.spare_core == (model_threads < runtime.USABLE_CPUS)  # on the CPU, as the tests run
+    assert server.spare_core == (server.device.type == "cpu" and model_threads < runtime.USABLE_CPUS)
     monkeypatch.setattr(decoder, "_call_batch", spy)
     monkeypatch.setattr(server, "spare_core", True)
     pngs_on_batch_thread(monkeypatch, False)
