@@ -196,12 +196,19 @@ def measure_baselines(args: argparse.Namespace, model: str, workdir: Path) -> li
     return runs
 
 
-def write_results(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    """bench/results/<timestamp>-<host>.json and latest.md, each written whole or not at all."""
-    out.mkdir(parents=True, exist_ok=True)
-    host = re.sub(r"[^A-Za-z0-9.-]+", "_", results["machine"]["host"])
+def results_name(results: dict[str, Any]) -> str:
+    """<timestamp>-<host>, and the GPU's name where the run used one: a GPU host's runs stand apart from its CPU runs
+    (both machines this project measures on call themselves `vm`)."""
+    machine = results["machine"]
+    host = "-".join(filter(None, (machine["host"], machine.get("device_name"))))
     stamp = results["started"].replace("-", "").replace(":", "").replace(" UTC", "Z").replace(" ", "T")
-    paths = (out / f"{stamp}-{host}.json", out / "latest.md")
+    return f"{stamp}-" + re.sub(r"[^a-z0-9.-]+", "-", host.lower()).strip("-")
+
+
+def write_results(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """bench/results/<timestamp>-<host>[-<gpu>].json and latest.md, each written whole or not at all."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = (out / f"{results_name(results)}.json", out / "latest.md")
     for path, text in zip(paths, (json.dumps(results, indent=2) + "\n", report.markdown(results)), strict=True):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)

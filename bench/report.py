@@ -223,7 +223,8 @@ def service_table(service: dict[str, Any]) -> list[str]:
 
 
 def _default_threads_service(results: dict[str, Any]) -> dict[str, Any] | None:
-    """The service run at torch's default threads: what the baselines, which set none, are compared with."""
+    """The service run at its default threads: what the baselines, which set none, are compared with. On a CPU that
+    is torch's default, as theirs; on a GPU the service's one thread against their torch default."""
     default = results["machine"]["torch_default_threads"]
     return next((s for s in results["service"] if s["threads_setting"] in (0, default)), None)
 
@@ -299,8 +300,8 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("baselines"):
         lines += [
             "", "## General-purpose servers, same model, same PNGs (bench/baselines.py)", "",
-            "Each started fresh with torch's default threads; `vae-serve` columns: the service at the same threads "
-            "(the median where a scenario ran more than once).", "",
+            "Each started fresh with torch's default threads; `vae-serve` columns: the service at its default, the "
+            "same threads on a CPU, one on a GPU (the median where a scenario ran more than once).", "",
             *baselines_table(results),
         ]
     return "\n".join(lines) + "\n"
