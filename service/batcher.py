@@ -31,6 +31,7 @@ from service.lanes import Lanes
 from service.metrics import Metrics
 
 log = logging.getLogger("vae_serve.batcher")
+SHUTTING_DOWN = "the service is shutting down"
 
 
 class Deferred(Protocol):
@@ -157,7 +158,7 @@ class Batcher:
         if not task.cancelled() and task.exception() is not None:
             log.error("batcher %s/%s stopped", self.name, self.op, exc_info=task.exception())
         self._closing = True
-        self._fail_queued("the service is shutting down" if task.cancelled() else "the model's batcher stopped")
+        self._fail_queued(SHUTTING_DOWN if task.cancelled() else "the model's batcher stopped")
 
     @property
     def alive(self) -> bool:
@@ -281,7 +282,7 @@ class Batcher:
             work = thread.submit(self._recorded_call, thread, [inputs], [then])
         except RuntimeError:  # the thread was shut down: the service is stopping
             self._lanes.give_back(thread)
-            raise NotServing("the service is shutting down") from None
+            raise _shutting_down() from None
         answer: asyncio.Future[Any] = loop.create_future()  # a request that gives up cancels this alone
         self._computing_now.add(answer)
         # Straight back to the event loop from the thread: one loop pass less than an asyncio future around `work`.
@@ -296,7 +297,7 @@ class Batcher:
         self._computing_now.discard(answer)
         error: BaseException | None = None
         if work.cancelled():  # the thread was shut down before it started
-            error = NotServing("the service is shutting down")
+            error = _shutting_down()
         elif (exc := work.exception()) is not None:
             error = BatchFailed(self._failure(exc, size)) if isinstance(exc, Exception) else exc
         if answer.done():  # the request gave up, or `stop` answered it
@@ -369,7 +370,7 @@ class Batcher:
             try:
                 await self._collect(batch, self._wait_for_company(thread))
             except BaseException:
-                self._thread_free(thread, batch, NotServing("the service is shutting down"))
+                self._thread_free(thread, batch, _shutting_down())
                 raise
             now = loop.time()
             live = []
@@ -382,12 +383,12 @@ class Batcher:
                 live.append(item)
             self._computing[thread] = live
             if not live:
-                self._thread_free(thread, live, NotServing("the service is shutting down"))  # nothing to answer
+                self._thread_free(thread, live, [])  # nothing to answer
                 continue
             try:
                 thread.submit(self._compute, loop, thread, live)
             except RuntimeError:  # the thread was shut down: the service is stopping
-                self._thread_free(thread, live, NotServing("the service is shutting down"))
+                self._thread_free(thread, live, _shutting_down())
 
     def _wait_for_company(self, thread: ThreadPoolExecutor) -> float:
         """How long a batch for `thread` waits for more items: max_wait on the model thread, none on a lane. A lane runs
@@ -403,7 +404,7 @@ class Batcher:
         1,194 -> 1,281 images/s, alternating servers, faster in 4 of 4 rounds (bench/README.md). It hands its thread
         back once the queue is empty, the batcher stops, or another model waits for a thread (so no model's lanes
         starve another's). The model thread computes one batch: its next waits for company on the event loop."""
-        outcome: list[Any] | Exception = NotServing("the service is shutting down")  # if this stops short of answers
+        outcome: list[Any] | Exception = _shutting_down()  # if this stops short of answers
         try:
             while True:
                 started = time.perf_counter()
@@ -419,7 +420,7 @@ class Batcher:
                     return
                 self._computing[thread] = following
                 _to_loop(loop, self._answer_batch, live, outcome)
-                live, outcome = following, NotServing("the service is shutting down")
+                live, outcome = following, _shutting_down()
         finally:
             _to_loop(loop, self._thread_free, thread, live, outcome)
 
@@ -493,11 +494,11 @@ class Batcher:
                 await self._task
         # Their threads may never finish (a drain past its timeout): answer now, and a lane takes nothing more.
         for live in list(self._computing.values()):
-            self._answer_batch(live, NotServing("the service is shutting down"))
+            self._answer_batch(live, _shutting_down())
         for answer in self._computing_now:  # their threads may never finish (a drain past its timeout): answer now
             if not answer.done():
-                answer.set_exception(NotServing("the service is shutting down"))
-        self._fail_queued("the service is shutting down")
+                answer.set_exception(_shutting_down())
+        self._fail_queued(SHUTTING_DOWN)
 
     def _fail_queued(self, reason: str) -> None:
         with self._lock:
@@ -506,6 +507,11 @@ class Batcher:
         for item in queued:  # nobody will serve these now: answer them
             if not item.future.done():
                 item.future.set_exception(NotServing(reason))
+
+
+def _shutting_down() -> NotServing:
+    """What a request gets when the service stops before its batch is answered: a fresh exception each time."""
+    return NotServing(SHUTTING_DOWN)
 
 
 def _to_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: Any) -> None:
