@@ -11,8 +11,10 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import SecretStr
+from starlette.types import Receive, Scope, Send
 
 from service import fastpath
+from service.app import VaeServe
 from service.schemas import SampleRequest
 from service.settings import Settings
 from tests.conftest import png, serve
@@ -65,6 +67,24 @@ async def test_valid_json_requests_take_the_lean_path_and_the_rest_goes_to_fasta
     assert (await client.post("/sample", json={"model": "mnist", "n": "many"})).status_code == 422
     assert (await client.post("/sample", content=b'{"model": "mnist"', headers=JSON)).status_code == 422
     assert lean_calls == ["mnist"]
+
+
+async def test_lean_requests_are_answered_in_front_of_fastapis_stack_and_the_rest_go_through_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered: list[str] = []
+    behind_front = VaeServe.behind_front
+
+    async def spy(app: VaeServe, scope: Scope, receive: Receive, send: Send) -> None:
+        entered.append(scope["path"])
+        await behind_front(app, scope, receive, send)
+
+    monkeypatch.setattr(VaeServe, "behind_front", spy)
+    async with serve(settings) as client:
+        assert (await client.post("/sample", json={"model": "mnist"})).status_code == 200
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/metrics")).text.count('endpoint="/sample"') > 0  # counted and logged all the same
+    assert entered == ["/healthz", "/metrics"]
 
 
 async def test_with_an_api_key_only_requests_that_carry_it_take_the_lean_path(
