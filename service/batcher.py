@@ -187,8 +187,6 @@ class Batcher:
         if len(inputs) <= self.max_batch_size:
             return await self.one(inputs, timeout_s, alone=alone)
         parts = [part async for part in self.parts(inputs, timeout_s, self.max_batch_size, alone=alone)]
-        if len(parts) == 1:
-            return parts[0]
         # numpy, not torch.cat: a large torch op here would start a second OpenMP team (see runtime.py)
         return tuple(torch.from_numpy(np.concatenate([c.numpy() for c in columns])) for columns in zip(*parts, strict=True))
 
@@ -410,11 +408,10 @@ class Batcher:
                 started = time.perf_counter()
                 for item in live:
                     self._queue_seconds.observe(started - item.enqueued)
-                size = sum(len(item.inputs) for item in live)
                 try:
                     outcome = self._recorded_call(thread, [item.inputs for item in live], [item.then for item in live])
                 except Exception as exc:  # one failing batch fails only its own requests
-                    outcome = BatchFailed(self._failure(exc, size))
+                    outcome = BatchFailed(self._failure(exc, sum(len(item.inputs) for item in live)))
                 following = self._next_on_lane(thread)
                 if not following:
                     return
