@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.lanes import Lanes
+from service.lanes import STEADY_BATCHES, Lanes
 from service.metrics import Metrics
 
 log = logging.getLogger("vae_serve.batcher")
@@ -401,8 +401,10 @@ class Batcher:
         of the time at 64 connections on 2 cores (3.3 ms between batches of 18; 0.2 ms now): faces at 64 connections
         1,194 -> 1,281 images/s, alternating servers, faster in 4 of 4 rounds (bench/README.md). It hands its thread
         back once the queue is empty, the batcher stops, or another model waits for a thread (so no model's lanes
-        starve another's). The model thread computes one batch: its next waits for company on the event loop."""
+        starve another's). The model thread computes one batch: its next waits for company on the event loop. Under
+        steady load a lane is held to a CPU of its own until it hands its thread back (`Lanes.hold_to_cpu`)."""
         outcome: list[Any] | Exception = _shutting_down()  # if this stops short of answers
+        went_on, held = 0, False
         try:
             while True:
                 started = time.perf_counter()
@@ -415,10 +417,15 @@ class Batcher:
                 following = self._next_on_lane(thread)
                 if not following:
                     return
+                went_on += 1
+                if went_on == STEADY_BATCHES:
+                    held = self._lanes.hold_to_cpu(thread)
                 self._computing[thread] = following
                 _to_loop(loop, self._answer_batch, live, outcome)
                 live, outcome = following, _shutting_down()
         finally:
+            if held:
+                self._lanes.let_go()
             _to_loop(loop, self._thread_free, thread, live, outcome)
 
     def _next_on_lane(self, thread: ThreadPoolExecutor) -> list[_Item]:

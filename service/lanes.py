@@ -9,18 +9,22 @@ thread, and under load the scheduler keeps lending one of them to the event loop
 never go parallel, so the lanes start no OpenMP teams of their own (see runtime.py for why a second team is
 costly), and no thread ever changes its thread count. The model thread and the lanes never compute at the same
 time: they would split the same cores. A lane, once taken, goes on with its batcher's queue by itself
-(`Batcher._compute`) until the queue is empty or another batcher waits for a thread.
+(`Batcher._compute`) until the queue is empty or another batcher waits for a thread; under steady load it is held to
+a CPU of its own meanwhile (`hold_to_cpu`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+import os
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 LANE_MIN_IMAGES = 8  # per lane: below this many queued images a batch alone runs on the model thread (see worth_lanes)
+STEADY_BATCHES = 3  # batches in a row a lane goes on with by itself before it is held to a CPU (see hold_to_cpu)
 
 
 def single_thread_lanes(count: int) -> list[ThreadPoolExecutor]:
@@ -35,10 +39,20 @@ def single_thread_lanes(count: int) -> list[ThreadPoolExecutor]:
 class Lanes:
     """Hands out a thread to compute batches on, and holds a batch back until a thread is free for it."""
 
-    def __init__(self, model_thread: ThreadPoolExecutor, singles: Sequence[ThreadPoolExecutor] = ()) -> None:
+    def __init__(
+        self, model_thread: ThreadPoolExecutor, singles: Sequence[ThreadPoolExecutor] = (),
+        cpus: Collection[int] | None = None,
+    ) -> None:
+        """`cpus`: the CPUs the process may use (default: its affinity mask), one for each lane to be held to."""
         self.model_thread = model_thread
         self.singles = tuple(singles)
         self._free = list(self.singles)
+        if cpus is None:
+            cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ()
+        self._cpus = set(cpus)
+        # only where there are exactly as many CPUs as lanes (the 2-core default): elsewhere a lane held to one could
+        # sit behind another thread there while other CPUs idle
+        self._cpu_of = dict(zip(self.singles, sorted(self._cpus), strict=True)) if len(self._cpus) == len(self.singles) else {}
         self._solo_busy = False
         # (who waits, what wakes it): None to look again for a free thread, or a lane handed straight to it
         self._waiting: list[tuple[object, asyncio.Future[ThreadPoolExecutor | None]]] = []
@@ -93,6 +107,28 @@ class Lanes:
         """Whether anyone but `owner` waits for a thread. Safe from any thread: a lane that goes on with its own
         batcher's queue asks it after each batch, and a waiter it misses by a moment waits that lane's next batch."""
         return self._first_waiting_besides(owner) is not None
+
+    def hold_to_cpu(self, lane: ThreadPoolExecutor) -> bool:
+        """On `lane`'s own thread, once it has gone on by itself STEADY_BATCHES batches in a row: hold it to a CPU of
+        its own until `let_go`; True if held. Then the two lanes never queue for the same CPU, each keeps its caches,
+        and the event loop and every other thread take whichever CPU is free. On 2 cores, alternating servers against
+        9cc1f4c: faces at 64 connections 1,372 -> 1,410 and 1,357 -> 1,378 images/s (faster or even in 6 of 6 rounds),
+        mnist 5,020 -> 5,309 requests/s; faces at 32 connections 1,025 -> 1,048 and 1,031 -> 1,022, /encode at 32
+        659 -> 636 and 759 -> 743 (bench/README.md). Held from its first batch on (no STEADY_BATCHES), a lane that
+        went back and forth under moderate load paid for it: 32 connections 6% slower."""
+        cpu = self._cpu_of.get(lane)
+        if cpu is None:
+            return False
+        try:
+            os.sched_setaffinity(0, {cpu})  # 0: the calling thread
+        except OSError:  # a CPU taken away since (a changed cpuset): go on unheld
+            return False
+        return True
+
+    def let_go(self) -> None:
+        """On a held lane's thread, as it hands the lane back: every CPU again."""
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, self._cpus)
 
     def kind(self, thread: ThreadPoolExecutor) -> str:
         """What the metrics call `thread`: "model" or "lane"."""

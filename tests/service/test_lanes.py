@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from service.batcher import Batcher, NotServing
-from service.lanes import LANE_MIN_IMAGES, Lanes, single_thread_lanes
+from service.lanes import LANE_MIN_IMAGES, STEADY_BATCHES, Lanes, single_thread_lanes
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.settings import Settings
@@ -158,16 +159,19 @@ async def test_a_batch_for_a_lane_starts_with_what_is_queued_and_one_on_the_mode
 class HeldLanes:
     """Two single-thread lanes whose model calls wait for `release`, and what each call saw: (model, thread, size)."""
 
-    def __init__(self) -> None:
-        self.lanes = Lanes(ThreadPoolExecutor(1, thread_name_prefix="model"), single_thread_lanes(2))
+    def __init__(self, cpus: list[int] | None = None) -> None:
+        self.lanes = Lanes(ThreadPoolExecutor(1, thread_name_prefix="model"), single_thread_lanes(2), cpus=cpus)
         self.release = threading.Event()
         self.calls: list[tuple[str, str, int]] = []
+        self.cpus_seen: list[tuple[str, set[int]]] = []  # (thread, the CPUs it may run on) at each call
 
     def batcher(self, name: str) -> Batcher:
         def predict(x: torch.Tensor) -> torch.Tensor:
             self.release.wait(5)
             time.sleep(0.01)  # a model call's time: much longer than the event loop takes to hand out a thread
             self.calls.append((name, threading.current_thread().name, len(x)))
+            if hasattr(os, "sched_getaffinity"):
+                self.cpus_seen.append((threading.current_thread().name, os.sched_getaffinity(0)))
             return x * 2
 
         b = Batcher(name, "decode", predict, self.lanes, Metrics(), max_batch_size=LANE_MIN_IMAGES, max_wait_s=0.001,
@@ -196,6 +200,43 @@ async def test_a_lane_goes_straight_on_with_what_was_queued_while_the_event_loop
     finally:
         await b.stop()
         held.lanes.shutdown()
+
+
+needs_two_cpus = pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs CPU affinity and 2 CPUs"
+)
+
+
+@needs_two_cpus
+async def test_a_lane_under_steady_load_is_held_to_a_cpu_of_its_own_until_it_hands_its_thread_back() -> None:
+    two = sorted(os.sched_getaffinity(0))[:2]
+    held = HeldLanes(cpus=two)
+    b = held.batcher("m")
+    try:
+        answers = held.requests(b, 12)
+        await asyncio.sleep(0.05)
+        held.release.set()
+        await asyncio.gather(*answers)
+        per_lane = {lane: [cpus for thread, cpus in held.cpus_seen if thread == lane] for lane in ("lane0_0", "lane1_0")}
+        for lane, cpu in zip(per_lane, two, strict=True):
+            seen = per_lane[lane]
+            steady = seen[STEADY_BATCHES:]  # the batches after it went on by itself STEADY_BATCHES times
+            assert all(cpus != {cpu} for cpus in seen[:STEADY_BATCHES]) and all(cpus == {cpu} for cpus in steady)
+        assert any(len(seen) > STEADY_BATCHES for seen in per_lane.values())  # 12 batches: one lane at least got there
+        assert held.lanes.idle
+        for lane in held.lanes.singles:  # handed back: free to run anywhere again
+            assert lane.submit(os.sched_getaffinity, 0).result() == set(two)
+    finally:
+        await b.stop()
+        held.lanes.shutdown()
+
+
+def test_lanes_are_held_to_cpus_only_where_there_is_one_for_each() -> None:
+    lanes = Lanes(ThreadPoolExecutor(1), single_thread_lanes(2), cpus={0, 1, 2})
+    try:
+        assert not lanes.hold_to_cpu(lanes.singles[0])  # a held lane could wait there while another CPU idles
+    finally:
+        lanes.shutdown()
 
 
 async def test_a_lane_hands_its_thread_back_when_another_model_waits_for_one() -> None:
