@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from service.batcher import Batcher, NotServing
-from service.lanes import LANE_MIN_IMAGES, STEADY_BATCHES, Lanes, single_thread_lanes
+from service.lanes import LANE_MIN_IMAGES, LANE_NICE, STEADY_BATCHES, Lanes, single_thread_lanes
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.settings import Settings
@@ -79,6 +79,22 @@ def test_a_lane_runs_torch_on_one_thread_and_the_model_thread_keeps_its_own() ->
     try:
         assert [lane.submit(torch.get_num_threads).result() for lane in lanes.singles] == [1, 1]
         assert model_thread.submit(torch.get_num_threads).result() == 2  # a per-thread setting
+    finally:
+        lanes.shutdown()
+
+
+def niceness() -> int:  # the calling thread's: Linux keeps one for each thread
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no nice values here")
+def test_lanes_run_below_the_rest_of_the_process_so_that_the_event_loop_never_waits_behind_them() -> None:
+    own = niceness()
+    model_thread = ThreadPoolExecutor(1)
+    lanes = Lanes(model_thread, single_thread_lanes(2))
+    try:
+        assert [lane.submit(niceness).result() for lane in lanes.singles] == [min(19, own + LANE_NICE)] * 2
+        assert model_thread.submit(niceness).result() == own and niceness() == own
     finally:
         lanes.shutdown()
 
