@@ -40,11 +40,12 @@ def _lane_thread() -> None:
 
     A nice value LANE_NICE above the process's: the lanes keep the cores busy, and every request waits for the event
     loop (its HTTP, its admission into the next batch), which otherwise queued for a core behind them (0.16 s a
-    second at 64 connections, as long as it ran). Now the loop, the image threads and the log writer run as soon as
+    second at 64 connections, as long as it ran). So the loop, the image threads and the log writer run as soon as
     they wake, and the lanes take every moment they leave. On 2 cores, alternating servers, 4 rounds: faces at 32
     connections 1,104 -> 1,255 and 1,097 -> 1,304 images/s (p50 32 -> 25 and 38 -> 23 ms), /encode at 32 771 -> 806,
     mnist at 64 5,674 -> 5,875 requests/s, 8 and 64 connections the same; n=64 as JSON, whose two halves are the
-    lanes' with nothing else to wait for, 1,710 -> 1,688 and 1,726 -> 1,691 (bench/README.md). Per thread: Linux
+    lanes' with nothing else to wait for, 1,710 -> 1,688 and 1,726 -> 1,691. In a full bench run, where 32
+    connections follows 8, 32 showed less of it (bench/README.md). Per thread: Linux
     keeps a nice value for each thread, and a lower priority needs no privilege. It cannot be raised back without
     one (CAP_SYS_NICE, which containers lack), so a lane keeps it for good."""
     torch.set_num_threads(1)
