@@ -30,9 +30,15 @@ def cgroup_cpu_limit(root: Path = CGROUP) -> float | None:
         return None  # no cgroup files (macOS, a bare host) or unreadable ones: no quota known
 
 
+def affinity_mask() -> set[int] | None:
+    """The CPUs in this process's affinity mask, or None where the OS has no such mask (macOS)."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+
 def affinity_cpus() -> int:
     """The CPUs in this process's affinity mask (all of the host's where the OS has no such mask)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    mask = affinity_mask()
+    return len(mask) if mask is not None else os.cpu_count() or 1
 
 
 def usable_cpus(root: Path = CGROUP) -> int:

@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from service.cpus import affinity_mask
+
 LANE_MIN_IMAGES = 8  # per lane: below this many queued images a batch alone runs on the model thread (see worth_lanes)
 STEADY_BATCHES = 3  # batches in a row a lane goes on with by itself before it is held to a CPU (see hold_to_cpu)
 LANE_NICE = 10  # how much lower a lane's scheduling priority is than the rest of the process (see _lane_thread)
@@ -45,9 +47,9 @@ def _lane_thread() -> None:
     connections 1,104 -> 1,255 and 1,097 -> 1,304 images/s (p50 32 -> 25 and 38 -> 23 ms), /encode at 32 771 -> 806,
     mnist at 64 5,674 -> 5,875 requests/s, 8 and 64 connections the same; n=64 as JSON, whose two halves are the
     lanes' with nothing else to wait for, 1,710 -> 1,688 and 1,726 -> 1,691. In a full bench run, where 32
-    connections follows 8, 32 showed less of it (bench/README.md). Per thread: Linux
-    keeps a nice value for each thread, and a lower priority needs no privilege. It cannot be raised back without
-    one (CAP_SYS_NICE, which containers lack), so a lane keeps it for good."""
+    connections follows 8, 32 showed less of it (bench/README.md). Per thread: Linux keeps a nice value for each
+    thread, and a lower priority needs no privilege. It cannot be raised back without one (CAP_SYS_NICE, which
+    containers lack), so a lane keeps it for good."""
     torch.set_num_threads(1)
     if hasattr(os, "setpriority"):
         with contextlib.suppress(OSError):
@@ -66,9 +68,7 @@ class Lanes:
         self.model_thread = model_thread
         self.singles = tuple(singles)
         self._free = list(self.singles)
-        if cpus is None:
-            cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ()
-        self._cpus = set(cpus)
+        self._cpus = set(cpus if cpus is not None else affinity_mask() or ())
         # only where there are exactly as many CPUs as lanes (the 2-core default): elsewhere a lane held to one could
         # sit behind another thread there while other CPUs idle
         self._cpu_of = dict(zip(self.singles, sorted(self._cpus), strict=True)) if len(self._cpus) == len(self.singles) else {}
