@@ -4,8 +4,12 @@
   FastAPI's thread pool.
 - `litserve`: LitServe (Lightning AI), a general-purpose model server with dynamic batching, at vae-serve's
   own defaults: batches of up to 64 that wait up to 2 ms for company (VAE_MAX_BATCH_SIZE, VAE_MAX_WAIT_MS).
+- `asgi`: the floor under both: the least a server on uvicorn can do. A bare ASGI app (no framework, batching,
+  metrics or log lines) hands each request's decode and PNG to one thread of its own, the model loaded and warmed
+  up there, with vae-serve's malloc settings: what a lone request costs over the work itself with nothing but
+  uvicorn, one hand-off each way and the client in between.
 
-Both answer `POST /sample` with vae-serve's JSON body (`{"model": ..., "n": 1}`) with one PNG, and do the same
+All three answer `POST /sample` with vae-serve's JSON body (`{"model": ..., "n": 1}`) with one PNG, and do the same
 work for it: the model loaded by `repository.load_model` (vae-serve's layout and precision; no CUDA graphs,
 which a general-purpose server does not capture), called through the decode batcher's own `batcher.compute`
 (output checks and uint8 conversion), and the same PNG encoder. What differs is the serving.
@@ -16,19 +20,23 @@ which a general-purpose server does not capture), called through the decode batc
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+from starlette.types import Receive, Scope, Send
 
-from service import batcher, imaging
+from service import batcher, imaging, malloc
 from service.repository import load_model, pick_device
 
-BASELINES = ("fastapi", "litserve")
+BASELINES = ("fastapi", "litserve", "asgi")
 HEALTH_PATH = "/health"  # LitServe's own; 200 once the model is loaded
 
 
@@ -67,6 +75,45 @@ def fastapi_app(model_dir: Path, device: str) -> FastAPI:
     return app
 
 
+def asgi_app(model_dir: Path, device: str) -> Callable[[Scope, Receive, Send], Any]:
+    """The floor: a bare ASGI app that decodes and encodes each request's image on one thread of its own. The model is
+    loaded and warmed up on that thread, so that its OpenMP team is the only one (service/runtime.py says why)."""
+    malloc.reuse_freed_memory()
+    thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+    draw, latent_dim = thread.submit(load_decoder, model_dir, device).result()
+
+    def png() -> bytes:
+        return imaging.png_bytes(draw(torch.randn(1, latent_dim))[0])
+
+    thread.submit(png).result()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        status, content_type, content = 404, b"text/plain", b"not found"
+        if scope["path"] == HEALTH_PATH:
+            status, content = 200, b"ok"
+        elif scope["path"] == "/sample" and scope["method"] == "POST":
+            try:
+                SampleRequest.model_validate_json(body)
+                status, content_type, content = 200, b"image/png", await asyncio.wrap_future(thread.submit(png))
+            except ValidationError as exc:
+                status, content_type, content = 422, b"application/json", exc.json().encode()
+        headers = [(b"content-type", content_type), (b"content-length", str(len(content)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+    return app
+
+
 def command(server: str, model_dir: Path, device: str, port: int, python: str) -> list[str]:
     """How the bench starts one baseline (bench/__main__.py)."""
     return [python, "-m", "bench.baselines", server, "--model-dir", str(model_dir), "--port", str(port),
@@ -83,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.server == "fastapi":
         uvicorn.run(fastapi_app(args.model_dir, args.device), host="127.0.0.1", port=args.port, log_level="warning")
+    elif args.server == "asgi":  # as vae-serve runs uvicorn: no access log, no proxy-headers middleware
+        uvicorn.run(asgi_app(args.model_dir, args.device), host="127.0.0.1", port=args.port, log_level="warning",
+                    access_log=False, proxy_headers=False, lifespan="off")
     else:
         from bench import litserve_baseline  # the bench extra installs LitServe; the other baseline does without
 

@@ -11,24 +11,28 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.baselines import fastapi_app
+from bench.baselines import asgi_app, fastapi_app
+
+APPS = {"fastapi": fastapi_app, "asgi": asgi_app}
 
 
-def client(models: Path) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=fastapi_app(models / "faces", "cpu"))
+def client(models: Path, server: str) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=APPS[server](models / "faces", "cpu"))
     return httpx.AsyncClient(transport=transport, base_url="http://test")
 
 
-async def test_the_fastapi_baseline_answers_one_png_of_the_models_size(tiny_models: Path) -> None:
-    async with client(tiny_models) as c:
+@pytest.mark.parametrize("server", APPS)
+async def test_the_in_process_baselines_answer_one_png_of_the_models_size(tiny_models: Path, server: str) -> None:
+    async with client(tiny_models, server) as c:
         assert (await c.get("/health")).status_code == 200
         r = await c.post("/sample", json={"model": "faces", "n": 1})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(r.content)).size == (32, 32)
 
 
-async def test_the_fastapi_baseline_serves_one_image_per_request_only(tiny_models: Path) -> None:
-    async with client(tiny_models) as c:
+@pytest.mark.parametrize("server", APPS)
+async def test_the_in_process_baselines_serve_one_image_per_request_only(tiny_models: Path, server: str) -> None:
+    async with client(tiny_models, server) as c:
         assert (await c.post("/sample", json={"model": "faces", "n": 2})).status_code == 422
 
 
