@@ -126,12 +126,13 @@ class Batcher:
         max_wait_s: float,
         queue_size: int,
         finish: Finish = as_float32,
-        idle_connections: Callable[[], int] | None = None,
+        open_connections: Callable[[], int] | None = None,
     ) -> None:
-        """`idle_connections`: how many client connections are open with no request in progress, where the HTTP
-        server says (`server.DrainingServer`); a batch waits for company only while one is (`_company_could_come`)."""
+        """`open_connections`: how many client connections are open, where the HTTP server says
+        (`server.DrainingServer`); a batch waits for company only while they outnumber the requests already waiting for
+        this model (`_company_could_come`)."""
         self.name, self.op, self._predict, self._finish = name, op, predict, finish
-        self._idle_connections = idle_connections
+        self._open_connections = open_connections
         self._lanes = lanes
         # Each metric's child for this model and operation, bound once: `labels(...)` looks it up under a lock, and a
         # request under load makes several such calls on the event loop.
@@ -341,20 +342,24 @@ class Batcher:
     async def _collect(self, batch: list[_Item], max_wait_s: float) -> None:
         """Move what is queued into `batch`, up to the batch limit, waiting up to `max_wait_s` for more if the first
         item had company. Nothing if a lane that feeds itself took everything first."""
-        company = len(self._queue) > 1 and self._company_could_come()  # others are waiting too: worth a short wait
+        company = len(self._queue) > 1  # others are waiting too: worth a short wait for more
         give_up = asyncio.get_running_loop().time() + max_wait_s
-        while not self._take_into(batch) and batch and company:  # not full yet
+        while not self._take_into(batch) and batch and company and self._company_could_come():  # not full yet
             remaining = give_up - asyncio.get_running_loop().time()
             if remaining <= 0 or not await self._wait_for_items(remaining):
                 break
 
     def _company_could_come(self) -> bool:
-        """Whether a request not yet queued could still join: a connection with no request in progress is open (over
-        HTTP/1.1 a client sends its next request on a connection only once answered). Where every client already
-        waits for an answer, two clients whose requests were queued together, a wait for company only delays them,
-        and once two clients fell into step they stayed so: faces at 2 connections on 2 cores read 356-580 requests/s
-        from run to run (bench/README.md). A new connection can still come meanwhile; it waits one batch."""
-        return self._idle_connections is None or self._idle_connections() > 0
+        """Whether a request not yet here could still join the batch being collected: more client connections are
+        open than requests wait for this model (queued, in this batch or computing). Over HTTP/1.1 a client sends its
+        next request on a connection only once answered, so once every client's request is here, a wait for company
+        only delays them all: at 8 connections the batch waited out VAE_MAX_WAIT_MS after the eighth request came.
+        Requests being answered count as able to come (their clients send again at once). A new connection may still
+        come meanwhile; it waits one batch. On 2 cores, faces (bench/README.md)."""
+        if self._open_connections is None:
+            return True
+        waiting = len(self._queue) + len(self._computing_now) + sum(len(items) for items in self._computing.values())
+        return self._open_connections() > waiting
 
     def _take_into(self, batch: list[_Item]) -> bool:
         """Move queued items into `batch` while they fit; True once it is full. From the event loop or a lane."""

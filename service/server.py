@@ -50,16 +50,14 @@ def config(app: FastAPI, settings: Settings) -> uvicorn.Config:
 
 class DrainingServer(uvicorn.Server):
     """On SIGTERM/SIGINT, turn /readyz to 503 at once, then let uvicorn stop accepting and drain. Tells the app how many
-    of its connections are idle (`idle_connections`), for the batchers' waits for company."""
+    client connections are open (`open_connections`), for the batchers' waits for company."""
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
-        config.app.state.idle_connections = self.idle_connections  # type: ignore[union-attr]
+        config.app.state.open_connections = self.open_connections  # type: ignore[union-attr]
 
-    def idle_connections(self) -> int:
-        """Connections open with no request in progress (uvicorn keeps a task for each request it has read and not
-        yet answered)."""
-        return max(0, len(self.server_state.connections) - len(self.server_state.tasks))
+    def open_connections(self) -> int:
+        return len(self.server_state.connections)
 
     def handle_exit(self, sig: int, frame: object) -> None:
         runtime = getattr(self.config.app.state, "runtime", None)  # type: ignore[union-attr]
