@@ -110,15 +110,21 @@ async def test_a_drain_waits_for_a_lone_request_and_a_stop_answers_one_still_com
     rec.release.set()
 
 
-async def test_a_drain_waits_for_a_batch_still_gathering_company_and_a_stop_answers_it() -> None:
-    rec, b = held(max_wait_s=10)
-    first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=30))  # holds the model thread
+async def two_in_a_batch_for_company(rec: Recorder, b: Batcher) -> list[asyncio.Task[tuple[torch.Tensor, ...]]]:
+    """Two requests queued behind a first that holds the model thread; once it is done they make the next batch."""
+    first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=30))
     await asyncio.sleep(0.01)
-    gathering = [asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=30)) for _ in range(2)]
+    two = [asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=30)) for _ in range(2)]
     await asyncio.sleep(0.01)
     rec.release.set()
     await first
-    await asyncio.sleep(0.05)  # the two are out of the queue, in a batch that waits up to 10 s for more
+    await asyncio.sleep(0.05)
+    return two
+
+
+async def test_a_drain_waits_for_a_batch_still_gathering_company_and_a_stop_answers_it() -> None:
+    rec, b = held(max_wait_s=10)
+    gathering = await two_in_a_batch_for_company(rec, b)  # out of the queue, in a batch that waits up to 10 s for more
     assert not any(request.done() for request in gathering)
     await b.drain(timeout_s=0.1)
     outcomes = await asyncio.wait_for(asyncio.gather(*gathering, return_exceptions=True), 1)
@@ -130,13 +136,7 @@ async def test_a_batch_waits_for_company_only_while_more_clients_are_connected_t
     connections: int, waits: bool
 ) -> None:
     rec, b = held(max_wait_s=10, open_connections=lambda: connections)
-    first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=30))  # holds the model thread
-    await asyncio.sleep(0.01)
-    queued = [asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=30)) for _ in range(2)]
-    await asyncio.sleep(0.01)
-    rec.release.set()
-    await first
-    await asyncio.sleep(0.1)
+    queued = await two_in_a_batch_for_company(rec, b)
     assert all(request.done() for request in queued) is not waits  # with 2 connections both clients' requests are in
     if not waits:
         assert rec.sizes == [1, 2]
