@@ -344,9 +344,10 @@ class Batcher:
         item had company. Nothing if a lane that feeds itself took everything first."""
         company = len(self._queue) > 1  # others are waiting too: worth a short wait for more
         give_up = asyncio.get_running_loop().time() + max_wait_s
-        while not self._take_into(batch) and batch and company and self._company_could_come():  # not full yet
+        while not self._take_into(batch) and batch and company:  # not full yet
             remaining = give_up - asyncio.get_running_loop().time()
-            if remaining <= 0 or not await self._wait_for_items(remaining):
+            # a lane's batch (no wait) stops here before counting anything
+            if remaining <= 0 or not self._company_could_come() or not await self._wait_for_items(remaining):
                 break
 
     def _company_could_come(self) -> bool:
