@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.types import Receive, Scope, Send
 
 from service import batcher, imaging, malloc
+from service.fastpath import read_body
 from service.repository import load_model, pick_device
 
 BASELINES = ("fastapi", "litserve", "asgi")
@@ -90,14 +91,9 @@ def asgi_app(model_dir: Path, device: str) -> Callable[[Scope, Receive, Send], A
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        body = await read_body(receive)
+        if body is None:  # the client went away
+            return
         status, content_type, content = 404, b"text/plain", b"not found"
         if scope["path"] == HEALTH_PATH:
             status, content = 200, b"ok"

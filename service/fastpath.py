@@ -69,7 +69,7 @@ class LeanRoutes:
         if not headers.get(b"content-type", b"").startswith(b"application/json"):
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)
         if body is None:  # the client went away
             return
         schema, route = ROUTES[path]
@@ -108,7 +108,8 @@ class LeanRoutes:
         raise exc
 
 
-async def _read_body(receive: Receive) -> bytes | None:
+async def read_body(receive: Receive) -> bytes | None:
+    """A request's whole body, or None if the client went away first."""
     chunks = []
     while True:
         message = await receive()
