@@ -156,7 +156,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         401: "missing or wrong API key (only when the server has one)",
         404: "no model of that name",
         413: "the request body is over the size limit",
-        415: "neither multipart/form-data nor JSON (POST /encode)",
+        415: "the body is not JSON (or, for POST /encode, neither JSON nor multipart/form-data)",
         422: "the request is invalid: the detail says what to fix",
         429: "the model's queue is full: retry after Retry-After seconds",
         500: "the model failed on this request's batch",
@@ -174,9 +174,21 @@ def _clip(value: Any, limit: int = 100) -> Any:
     return value[:limit] + "…" if isinstance(value, str) and len(value) > limit else value
 
 
+def _body_not_json(request: Request, exc: RequestValidationError) -> bool:
+    """A JSON route's body sent with another content type, or none: FastAPI does not parse it (rightly: no guessing),
+    and its error, "Input should be a valid dictionary", would not say that the header is what to fix."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return False  # what FastAPI reads as JSON: its errors are about the JSON itself
+    return any(tuple(e.get("loc", ())) == ("body",) for e in exc.errors())
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if _body_not_json(request, exc):
+            sent = repr(_clip(request.headers["content-type"])) if "content-type" in request.headers else "missing"
+            return _error(415, f"send the body as JSON with the header Content-Type: application/json (it was {sent})")
         # Never echo the input back: it may be huge. Type, location and message say what to fix; a location
         # can hold a client-chosen key (an unexpected field), so its parts are cut short too.
         errors = [

@@ -25,7 +25,7 @@ class SampleRequest(_Strict):
     model: ModelName
     n: int = Field(1, ge=1, description="how many images (up to the server's limit)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same images; random if absent")
-    temperature: float = Field(1.0, gt=0, le=10, description="scales the prior's standard deviation")
+    temperature: float = Field(1.0, gt=0, le=10, allow_inf_nan=False, description="scales the prior's standard deviation")
     columns: int | None = Field(None, ge=1, le=256, description="grid columns for n > 1 (default: square)")
 
     model_config = ConfigDict(

@@ -124,6 +124,8 @@ async def test_a_temperature_that_is_not_a_positive_finite_number_up_to_10_is_42
 ) -> None:
     r = await client.post("/sample", content=f'{{"model": "mnist", "temperature": {temperature}}}', headers=JSON)
     assert issues(r)[0]["loc"] == ["body", "temperature"]
+    if temperature in ("NaN", "Infinity", "-Infinity"):
+        assert "finite" in issues(r)[0]["msg"]  # not "should be less than or equal to 10", which NaN is not either
 
 
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e999"])
@@ -284,10 +286,32 @@ async def test_encode_with_an_unsupported_content_type_is_415(client: httpx.Asyn
 
 
 @pytest.mark.parametrize("path", ["/sample", "/decode", "/interpolate"])
-async def test_a_json_endpoint_given_another_content_type_is_422_not_a_guess(client: httpx.AsyncClient,
-                                                                            path: str) -> None:
-    r = await client.post(path, content=json.dumps(VALID[path]), headers={"content-type": "text/plain"})
-    assert r.status_code == 422
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])  # curl -d's default
+async def test_a_json_endpoint_given_another_content_type_is_415_naming_the_header_to_send(
+    client: httpx.AsyncClient, path: str, content_type: str
+) -> None:
+    r = await client.post(path, content=json.dumps(VALID[path]), headers={"content-type": content_type})
+    assert r.status_code == 415  # not a guess at JSON
+    assert "Content-Type: application/json" in r.json()["detail"] and content_type in r.json()["detail"]
+
+
+async def test_a_json_body_without_a_content_type_is_415_saying_the_header_is_missing(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.post("/sample", content=json.dumps(VALID["/sample"]))
+    assert r.status_code == 415
+    assert r.json()["detail"].endswith("(it was missing)")
+
+
+async def test_a_json_media_type_of_its_own_is_read_as_json(client: httpx.AsyncClient) -> None:
+    r = await client.post("/sample", content=json.dumps(VALID["/sample"]),
+                          headers={"content-type": "application/vnd.api+json"})
+    assert r.status_code == 200, r.text
+
+
+async def test_a_body_of_another_content_type_with_invalid_fields_is_still_415(client: httpx.AsyncClient) -> None:
+    r = await client.post("/sample", content=b"n=2", headers={"content-type": "text/plain; charset=utf-8"})
+    assert r.status_code == 415
 
 
 @pytest.mark.parametrize(("body", "loc"), [
