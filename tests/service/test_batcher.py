@@ -111,8 +111,8 @@ async def test_a_drain_waits_for_a_lone_request_and_a_stop_answers_one_still_com
 
 
 async def two_in_a_batch_for_company(rec: Recorder, b: Batcher) -> list[asyncio.Task[tuple[torch.Tensor, ...]]]:
-    """Two requests queued behind a first that holds the model thread; once it is done they make the next batch."""
-    first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=30))
+    """Two requests queued behind a lone one that holds the model thread; once it is done they make the next batch."""
+    first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=30, alone=True))
     await asyncio.sleep(0.01)
     two = [asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=30)) for _ in range(2)]
     await asyncio.sleep(0.01)
@@ -141,6 +141,35 @@ async def test_a_batch_waits_for_company_only_while_more_clients_are_connected_t
     if not waits:
         assert rec.sizes == [1, 2]
     await b.drain(timeout_s=0.1)
+
+
+async def test_a_request_queued_on_its_own_waits_for_the_next_request_of_another_connected_client() -> None:
+    rec, b = held(max_wait_s=10, open_connections=lambda: 2)
+    first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=30, alone=True))  # client 1's, computing
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=30))  # client 2's, queued behind it
+    await asyncio.sleep(0.01)
+    rec.release.set()
+    await first  # client 1 is answered, and sends its next request
+    await asyncio.sleep(0.05)
+    assert not second.done()  # its batch waits for client 1's next request
+    third = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=30))
+    await asyncio.wait_for(asyncio.gather(second, third), 1)  # then both clients' requests are in: no more waiting
+    assert rec.sizes == [1, 2]
+    await b.stop()
+
+
+@pytest.mark.parametrize("open_connections", [None, lambda: 1], ids=["no count from the server", "one connection"])
+async def test_a_request_queued_on_its_own_waits_for_no_company_that_cannot_come(open_connections) -> None:  # type: ignore[no-untyped-def]
+    rec, b = held(max_wait_s=10, open_connections=open_connections)
+    first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=30, alone=True))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=30))
+    await asyncio.sleep(0.01)
+    rec.release.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 1)
+    assert rec.sizes == [1, 1]
+    await b.stop()
 
 
 async def test_a_lone_request_after_the_threads_were_shut_down_is_refused_and_leaves_no_thread_taken() -> None:
