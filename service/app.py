@@ -264,7 +264,7 @@ def create_app(settings: Settings | None = None, *, wait_for_models: bool = Fals
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def load() -> None:
             runtime = await asyncio.to_thread(Runtime.load, settings, metrics)
-            runtime.start(getattr(app.state, "open_connections", None))  # set by the server (server.DrainingServer)
+            runtime.start(getattr(app.state, "active_connections", None))  # set by the server (server.DrainingServer)
             freeze_what_is_loaded()
             app.state.runtime = runtime
             ready, status = runtime.readiness()

@@ -1,14 +1,14 @@
 """Per-model batching: collect -> predict -> split.
 
 One asyncio task per (model, operation) collects queued items into a batch once a thread is free for it
-(`lanes.Lanes`: the model thread, or under load on a CPU one of several single-thread lanes), runs it there
-as one call, splits the result there into each request's rows (put through the request's own `then`, if it has
-one: a JSON answer's PNGs, say) and answers the waiting requests. A lane then goes straight on with what was queued
-meanwhile, from its own thread, while the event loop answers the batch it finished. The only request in progress
-runs at once, from its own task (no collector, no queue). A batch on the model thread waits (up to max_wait) for
-company while another client could still send a request to join it (`_company_could_come`), or, where the server does
-not count its connections, when other requests were queued with its first. Every admitted item gets an answer: a
-result, or an exception if its batch failed or it expired.
+(`lanes.Lanes`: the model thread, or under load on a CPU one of several single-thread lanes), runs it there as one
+call, splits the result there into each request's rows (put through the request's own `then`, if it has one: a JSON
+answer's PNGs, say) and answers the waiting requests. A lane then goes straight on with what was queued meanwhile,
+from its own thread, while the event loop answers the batch it finished. The only request in progress runs at once,
+from its own task (no collector, no queue), unless another client could send one to share its batch. A batch on the
+model thread waits (up to max_wait) for company while another client could still send a request to join it
+(`_company_could_come`), or, where the server does not count its connections, when other requests were queued with its
+first. Every admitted item gets an answer: a result, or an exception if its batch failed or it expired.
 """
 
 from __future__ import annotations
@@ -127,13 +127,13 @@ class Batcher:
         max_wait_s: float,
         queue_size: int,
         finish: Finish = as_float32,
-        open_connections: Callable[[], int] | None = None,
+        active_connections: Callable[[], int] | None = None,
     ) -> None:
-        """`open_connections`: how many client connections are open, where the HTTP server says
+        """`active_connections`: how many client connections are open and not idle, where the HTTP server says
         (`server.DrainingServer`); a batch waits for company only while they outnumber the requests already waiting for
         this model (`_company_could_come`)."""
         self.name, self.op, self._predict, self._finish = name, op, predict, finish
-        self._open_connections = open_connections
+        self._active_connections = active_connections
         self._lanes = lanes
         # Each metric's child for this model and operation, bound once: `labels(...)` looks it up under a lock, and a
         # request under load makes several such calls on the event loop.
@@ -212,8 +212,9 @@ class Batcher:
         """Queue `inputs` in parts of up to `part_size` rows, each computed in a batch of its own (other requests may
         join it), and yield their outputs in order as they come: the caller can work on one part while the next is
         computed. Close it early with `contextlib.aclosing`: parts not yet computed are then dropped. `alone`: the
-        caller's is the only request in progress; if it fits one part and no thread computes, it runs at once, past
-        the queue (requests that come meanwhile queue behind it, as they would behind any batch). `then`: each part's
+        caller's is the only request in progress; if it fits one part, no thread computes and no other client could
+        send one to share its batch (`_others_could_join`), it runs at once, past the queue (requests that come
+        meanwhile queue behind it, as they would behind any batch). `then`: each part's
         outputs go through it on the batch's thread, right after the model call, and the part yields what it returns;
         what it raises, the part raises, and the other requests of its batch get their answers all the same."""
         part_size = min(part_size, self.max_batch_size)
@@ -241,7 +242,7 @@ class Batcher:
         self._admit(len(inputs))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        if alone and not self._queue and (thread := self._lanes.take_now()) is not None:
+        if alone and not self._queue and not self._others_could_join() and (thread := self._lanes.take_now()) is not None:
             return await self._compute_now(thread, inputs, then, deadline, timeout_s)
         (item,) = self._enqueue((inputs,), deadline, then)
         try:
@@ -346,11 +347,11 @@ class Batcher:
 
         Where the server counts its connections, a request queued on its own waits too: it queued behind another
         client's batch, whose client sends its next request as soon as it is answered. Two clients then share batches
-        (alternately one and two images) instead of taking turns, each batch alone. On 2 cores, two servers up at
-        once, wrk alternating between them (bench/README.md): faces at 2 connections 396 -> 442 and 430 -> 504
-        requests/s, at 4 532 -> 599, mnist at 2 1,680 -> 2,133; 8 and 64 connections the same. Without the count
-        it waits only if others were queued with it: the only sign there that more may come."""
-        company = self._open_connections is not None or len(self._queue) > 1
+        instead of taking turns, each batch alone. On 2 cores, two servers up at once, wrk alternating between them
+        (bench/README.md): faces at 2 connections 396 -> 442 and 430 -> 504 requests/s, at 4 532 -> 599, mnist at 2
+        1,680 -> 2,133; 8 and 64 connections the same. Without the count it waits only if others were queued with
+        it: the only sign there that more may come."""
+        company = self._active_connections is not None or len(self._queue) > 1
         give_up = asyncio.get_running_loop().time() + max_wait_s
         while not self._take_into(batch) and batch and company:  # not full yet
             remaining = give_up - asyncio.get_running_loop().time()
@@ -358,17 +359,29 @@ class Batcher:
             if remaining <= 0 or not self._company_could_come() or not await self._wait_for_items(remaining):
                 break
 
-    def _company_could_come(self) -> bool:
+    def _others_could_join(self) -> bool:
+        """For the only request in progress: whether another client could send one to share its batch, which is then
+        worth the collector's short wait. Only where the server counts its active connections: one client alone, or
+        beside idle connections, never waits. Two clients at once shared every other batch before (the request answered
+        first came back alone and ran at once, the other's queued behind it); now every batch. On 2 cores, two servers
+        up at once, wrk alternating between them: faces at 2 connections 502 -> 558 requests/s, at 4 538 -> 649, at 8
+        735 -> 892, at 32 1,136 -> 1,182, mnist at 2 2,090 -> 2,354 and at 8 3,354 -> 4,120; 1 and 64 connections
+        the same (bench/README.md, *Two clients share batches*)."""
+        return self._active_connections is not None and self._company_could_come(arriving=1)
+
+    def _company_could_come(self, arriving: int = 0) -> bool:
         """Whether a request not yet here could still join the batch being collected: more client connections are
-        open than requests wait for this model (queued, in this batch or computing). Over HTTP/1.1 a client sends its
-        next request on a connection only once answered, so once every client's request is here, a wait for company
-        only delays them all: at 8 connections the batch waited out VAE_MAX_WAIT_MS after the eighth request came.
-        Requests being answered count as able to come (their clients send again at once). A new connection may still
-        come meanwhile; it waits one batch. On 2 cores, faces (bench/README.md)."""
-        if self._open_connections is None:
+        active (open and not idle: `server.DrainingServer.active_connections`) than requests wait for this model
+        (queued, in this batch or computing, and `arriving`: the caller's own, not queued yet). Over HTTP/1.1 a client
+        sends its next request on a connection only once answered, so once every client's request is here, a wait for
+        company only delays them all: at 8 connections the batch waited out VAE_MAX_WAIT_MS after the eighth request
+        came. Requests being answered, and connections answered a moment ago, count as able to come (their clients
+        send again at once); connections idle for longer (a proxy's pool) do not. A new connection may still come
+        meanwhile; it waits one batch. On 2 cores, faces (bench/README.md)."""
+        if self._active_connections is None:
             return True
         waiting = len(self._queue) + len(self._computing_now) + sum(len(items) for items in self._computing.values())
-        return self._open_connections() > waiting
+        return self._active_connections() > waiting + arriving
 
     def _take_into(self, batch: list[_Item]) -> bool:
         """Move queued items into `batch` while they fit; True once it is full. From the event loop or a lane."""

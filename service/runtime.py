@@ -130,8 +130,8 @@ class Runtime:
         flight together hold no more images (and no more memory) than one batch on the model thread would."""
         return max(1, self.settings.max_batch_size // max(1, len(self.lanes.singles)))
 
-    def start(self, open_connections: Callable[[], int] | None = None) -> None:
-        """Start one encode and one decode batcher per ready model (inside the event loop). `open_connections`: what
+    def start(self, active_connections: Callable[[], int] | None = None) -> None:
+        """Start one encode and one decode batcher per ready model (inside the event loop). `active_connections`: what
         the HTTP server says of its connections (`Batcher`)."""
         s = self.settings
         for name, model in self.models.items():
@@ -141,7 +141,7 @@ class Runtime:
                 table[name] = Batcher(
                     name, op, model.predictor(op), self.lanes, self.metrics,
                     max_batch_size=self.max_batch_size, max_wait_s=s.max_wait_ms / 1000, queue_size=s.queue_size,
-                    finish=finish, open_connections=open_connections,
+                    finish=finish, active_connections=active_connections,
                 )
                 table[name].start()
 

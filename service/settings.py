@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(True, description="on CUDA, replay batches from graphs captured at sizes 1, 2, 4, ...")
 
     max_batch_size: int = Field(64, ge=1, description="most images in one encoder/decoder call")
-    max_wait_ms: float = Field(2.0, ge=0, description="how long a model-thread batch waits for company, never for the only request in progress, and only while a connected client could still bring some; a lane's never waits")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a model-thread batch waits for company, only while another active client could still bring some (never for a client alone); a lane's never waits")
     queue_size: int = Field(2048, ge=1, description="most images queued per model before 429")
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
     drain_timeout_s: float = Field(20.0, ge=0, description="on SIGTERM, how long admitted requests may finish")

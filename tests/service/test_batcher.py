@@ -110,10 +110,25 @@ async def test_a_drain_waits_for_a_lone_request_and_a_stop_answers_one_still_com
     rec.release.set()
 
 
-async def two_in_a_batch_for_company(rec: Recorder, b: Batcher) -> list[asyncio.Task[tuple[torch.Tensor, ...]]]:
-    """Two requests queued behind a lone one that holds the model thread; once it is done they make the next batch."""
+class Clients:
+    """What the server says of its active connections (`Batcher(active_connections=...)`): set `count` as clients come."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __call__(self) -> int:
+        return self.count
+
+
+async def two_in_a_batch_for_company(
+    rec: Recorder, b: Batcher, clients: Clients | None = None, then: int = 3
+) -> list[asyncio.Task[tuple[torch.Tensor, ...]]]:
+    """Two requests queued behind a lone one that holds the model thread (its client the only one, then `then` in
+    all); once it is done they make the next batch."""
     first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=30, alone=True))
     await asyncio.sleep(0.01)
+    if clients is not None:
+        clients.count = then
     two = [asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=30)) for _ in range(2)]
     await asyncio.sleep(0.01)
     rec.release.set()
@@ -135,8 +150,9 @@ async def test_a_drain_waits_for_a_batch_still_gathering_company_and_a_stop_answ
 async def test_a_batch_waits_for_company_only_while_more_clients_are_connected_than_requests_wait_for_the_model(
     connections: int, waits: bool
 ) -> None:
-    rec, b = held(max_wait_s=10, open_connections=lambda: connections)
-    queued = await two_in_a_batch_for_company(rec, b)
+    clients = Clients(1)
+    rec, b = held(max_wait_s=10, active_connections=clients)
+    queued = await two_in_a_batch_for_company(rec, b, clients, then=connections)
     assert all(request.done() for request in queued) is not waits  # with 2 connections both clients' requests are in
     if not waits:
         assert rec.sizes == [1, 2]
@@ -144,9 +160,11 @@ async def test_a_batch_waits_for_company_only_while_more_clients_are_connected_t
 
 
 async def test_a_request_queued_on_its_own_waits_for_the_next_request_of_another_connected_client() -> None:
-    rec, b = held(max_wait_s=10, open_connections=lambda: 2)
+    clients = Clients(1)
+    rec, b = held(max_wait_s=10, active_connections=clients)
     first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=30, alone=True))  # client 1's, computing
     await asyncio.sleep(0.01)
+    clients.count = 2
     second = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=30))  # client 2's, queued behind it
     await asyncio.sleep(0.01)
     rec.release.set()
@@ -159,9 +177,11 @@ async def test_a_request_queued_on_its_own_waits_for_the_next_request_of_another
     await b.stop()
 
 
-@pytest.mark.parametrize("open_connections", [None, lambda: 1], ids=["no count from the server", "one connection"])
-async def test_a_request_queued_on_its_own_waits_for_no_company_that_cannot_come(open_connections) -> None:  # type: ignore[no-untyped-def]
-    rec, b = held(max_wait_s=10, open_connections=open_connections)
+@pytest.mark.parametrize("active_connections", [None, Clients(1)], ids=["no count from the server", "one connection"])
+async def test_a_request_queued_on_its_own_waits_for_no_company_that_cannot_come(
+    active_connections: Clients | None,
+) -> None:
+    rec, b = held(max_wait_s=10, active_connections=active_connections)
     first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=30, alone=True))
     await asyncio.sleep(0.01)
     second = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=30))
@@ -169,6 +189,29 @@ async def test_a_request_queued_on_its_own_waits_for_no_company_that_cannot_come
     rec.release.set()
     await asyncio.wait_for(asyncio.gather(first, second), 1)
     assert rec.sizes == [1, 1]
+    await b.stop()
+
+
+@pytest.mark.parametrize("active_connections", [None, Clients(1)], ids=["no count from the server", "its client alone"])
+async def test_the_only_request_in_progress_runs_at_once_when_no_other_client_could_join_it(
+    active_connections: Clients | None,
+) -> None:
+    rec = Recorder()
+    b = make(rec, max_wait_s=10, active_connections=active_connections)
+    await asyncio.wait_for(b.submit(torch.ones(1, 1), timeout_s=30, alone=True), 1)
+    assert rec.sizes == [1]
+    await b.stop()
+
+
+async def test_the_only_request_in_progress_waits_for_another_active_client_to_share_its_batch() -> None:
+    rec = Recorder()
+    b = make(rec, max_wait_s=10, active_connections=Clients(2))  # another client, answered a moment ago
+    first = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=30, alone=True))
+    await asyncio.sleep(0.05)
+    assert not first.done()
+    second = asyncio.create_task(b.submit(torch.ones(1, 1), timeout_s=30, alone=True))
+    await asyncio.wait_for(asyncio.gather(first, second), 1)
+    assert rec.sizes == [2]
     await b.stop()
 
 
