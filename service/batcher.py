@@ -212,11 +212,11 @@ class Batcher:
         """Queue `inputs` in parts of up to `part_size` rows, each computed in a batch of its own (other requests may
         join it), and yield their outputs in order as they come: the caller can work on one part while the next is
         computed. Close it early with `contextlib.aclosing`: parts not yet computed are then dropped. `alone`: the
-        caller's is the only request in progress; if it fits one part, no thread computes and no other client could
-        send one to share its batch (`_others_could_join`), it runs at once, past the queue (requests that come
-        meanwhile queue behind it, as they would behind any batch). `then`: each part's
-        outputs go through it on the batch's thread, right after the model call, and the part yields what it returns;
-        what it raises, the part raises, and the other requests of its batch get their answers all the same."""
+        caller's is the only request in progress; if it fits one part, no thread computes and no other client could send
+        one to share its batch (`_others_could_join`), it runs at once, past the queue (requests that come meanwhile
+        queue behind it, as they would behind any batch). `then`: each part's outputs go through it on the batch's
+        thread, right after the model call, and the part yields what it returns; what it raises, the part raises, and
+        the other requests of its batch get their answers all the same."""
         part_size = min(part_size, self.max_batch_size)
         if len(inputs) <= part_size:
             yield await self.one(inputs, timeout_s, alone=alone, then=then)

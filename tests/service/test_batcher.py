@@ -177,7 +177,13 @@ async def test_a_request_queued_on_its_own_waits_for_the_next_request_of_another
     await b.stop()
 
 
-@pytest.mark.parametrize("active_connections", [None, Clients(1)], ids=["no count from the server", "one connection"])
+# where no other client could send a request: the server gives no count (another ASGI server), or one client is active
+no_other_client = pytest.mark.parametrize(
+    "active_connections", [None, Clients(1)], ids=["no count from the server", "one active client"]
+)
+
+
+@no_other_client
 async def test_a_request_queued_on_its_own_waits_for_no_company_that_cannot_come(
     active_connections: Clients | None,
 ) -> None:
@@ -192,7 +198,7 @@ async def test_a_request_queued_on_its_own_waits_for_no_company_that_cannot_come
     await b.stop()
 
 
-@pytest.mark.parametrize("active_connections", [None, Clients(1)], ids=["no count from the server", "its client alone"])
+@no_other_client
 async def test_the_only_request_in_progress_runs_at_once_when_no_other_client_could_join_it(
     active_connections: Clients | None,
 ) -> None:
