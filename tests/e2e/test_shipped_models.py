@@ -51,8 +51,9 @@ def test_sample_returns_a_png_and_a_grid(server: str, model: str, size: int, mod
 
 
 def test_seeds_reproduce_the_same_images_under_concurrent_load(server: str) -> None:
-    """Byte for byte on a CPU. On a GPU, to within one level of 255: the batch a request shares decides which
-    kernels run, and their float rounding can tip a pixel to its neighbouring level."""
+    """To within one level of 255, in a few values per million, on a CPU as on a GPU: the batch a request shares
+    decides which kernels run (a CPU's matrix products take another path for a few rows than for many), and their
+    float rounding can tip a pixel to its neighbouring level."""
     request = {"model": "faces", "n": 4, "seed": 1234}
 
     async def load() -> list[httpx.Response]:
@@ -61,15 +62,12 @@ def test_seeds_reproduce_the_same_images_under_concurrent_load(server: str) -> N
             same = [client.post("/sample", json=request) for _ in range(6)]
             return list(await asyncio.gather(*noise, *same))
 
-    alone = httpx.post(f"{server}/sample", json=request, timeout=60).content
+    alone = np.asarray(Image.open(io.BytesIO(httpx.post(f"{server}/sample", json=request, timeout=60).content)), dtype=int)
     responses = asyncio.run(load())
     assert all(r.status_code == 200 for r in responses)
-    if httpx.get(f"{server}/models/faces").json()["device"] == "cpu":
-        assert all(r.content == alone for r in responses[-6:])
-    else:
-        pixels = np.asarray(Image.open(io.BytesIO(alone)), dtype=int)
-        for r in responses[-6:]:
-            assert np.abs(np.asarray(Image.open(io.BytesIO(r.content)), dtype=int) - pixels).max() <= 1
+    for r in responses[-6:]:
+        moved = np.abs(np.asarray(Image.open(io.BytesIO(r.content)), dtype=int) - alone)
+        assert moved.max() <= 1 and np.count_nonzero(moved) <= alone.size // 10_000
 
 
 def test_sample_json_and_decode_of_its_latents_agree(server: str) -> None:
