@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from service import multipart_form
 from service.batcher import NotServing
 from service.imaging import ImageError
 from service.runtime import Runtime
@@ -170,20 +171,20 @@ async def read_encode_request(request: Request, max_images: int) -> tuple[str, l
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         try:
-            form = await request.form(max_files=max_images, max_fields=16)
+            items = await form_items(request, max_images)
         except HTTPException:
             raise
         except Exception as exc:  # malformed multipart
             raise unprocessable(f"could not read the multipart form: {exc}") from None
-        model = form.get("model")
-        uploads = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
-        invert_field = form.get("invert")
+        fields = dict(items)  # the last of a repeated field, as Starlette's FormData.get
+        model, invert_field = fields.get("model"), fields.get("invert")
+        uploads = [value for name, value in items if name == "image" and isinstance(value, bytes)]
         if not isinstance(model, str) or not model:
             raise unprocessable("the form needs a 'model' field naming a served model")
         if not uploads:
             raise unprocessable("the form needs at least one file in an 'image' field")
         invert = None if invert_field in (None, "", "auto") else str(invert_field).lower() in ("1", "true", "yes")
-        return model, [await f.read() for f in uploads], invert
+        return model, uploads, invert
     if content_type.startswith("application/json") or not content_type:
         try:
             body = EncodeJSONRequest.model_validate_json(await request.body())
@@ -193,6 +194,16 @@ async def read_encode_request(request: Request, max_images: int) -> tuple[str, l
             raise unprocessable(f"{len(body.images)} images; this server encodes at most {max_images} per request")
         return body.model, [decode_base64(v, i) for i, v in enumerate(body.images)], body.invert
     raise HTTPException(status_code=415, detail="send multipart/form-data with 'image' files, or JSON with base64 'images'")
+
+
+async def form_items(request: Request, max_files: int) -> list[multipart_form.Item]:
+    """A multipart body's (name, text or file bytes) items: split at once where it is a plain form, else parsed by
+    Starlette (from the body already read), whose errors and limits then apply."""
+    items = multipart_form.parse(await request.body(), request.headers["content-type"], max_files=max_files, max_fields=16)
+    if items is not None:
+        return items
+    form = await request.form(max_files=max_files, max_fields=16)
+    return [(name, await value.read() if isinstance(value, UploadFile) else value) for name, value in form.multi_items()]
 
 
 @router.post("/encode", response_model=EncodeResponse, openapi_extra=_ENCODE_BODY, tags=["encode"])

@@ -35,6 +35,17 @@ async def test_json_base64_upload_matches_multipart(client: httpx.AsyncClient) -
     assert as_json.json()["mu"] == as_form.json()["mu"]
 
 
+async def test_a_form_in_an_unusual_shape_is_read_as_a_plain_one(client: httpx.AsyncClient) -> None:
+    """An epilogue after the closing delimiter is left to Starlette's parser (service.multipart_form): same answer."""
+    image = png(size=(64, 48))
+    plain = httpx.Request("POST", "http://test/encode", data={"model": "faces"}, files={"image": ("x.png", image, "image/png")})
+    body, content_type = plain.read(), plain.headers["content-type"]
+    unusual = body + b"\r\nan epilogue"
+    answers = [await client.post("/encode", content=b, headers={"content-type": content_type}) for b in (body, unusual)]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].json() == answers[1].json()
+
+
 async def test_data_urls_are_accepted(client: httpx.AsyncClient) -> None:
     url = "data:image/png;base64," + base64.b64encode(png()).decode()
     r = await client.post("/encode", json={"model": "mnist", "images": [url]})
