@@ -4,11 +4,12 @@ One asyncio task per (model, operation) collects queued items into a batch once 
 (`lanes.Lanes`: the model thread, or under load on a CPU one of several single-thread lanes), runs it there as one
 call, splits the result there into each request's rows (put through the request's own `then`, if it has one: a JSON
 answer's PNGs, say) and answers the waiting requests. A lane then goes straight on with what was queued meanwhile,
-from its own thread, while the event loop answers the batch it finished. The only request in progress runs at once,
-from its own task (no collector, no queue), unless another client could send one to share its batch. A batch on the
-model thread waits (up to max_wait) for company while another client could still send a request to join it
-(`_company_could_come`), or, where the server does not count its connections, when other requests were queued with its
-first. Every admitted item gets an answer: a result, or an exception if its batch failed or it expired.
+from its own thread, while the event loop answers the batch it finished; a lane taken while others are free takes only
+its share of a costly queue (`_share`). The only request in progress runs at once, from its own task (no collector, no
+queue), unless another client could send one to share its batch. A batch on the model thread waits (up to max_wait)
+for company while another client could still send a request to join it (`_company_could_come`), or, where the server
+does not count its connections, when other requests were queued with its first. Every admitted item gets an answer: a
+result, or an exception if its batch failed or it expired.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -28,11 +30,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.lanes import STEADY_BATCHES, Lanes
+from service.lanes import LANE_MIN_IMAGES, STEADY_BATCHES, Lanes
 from service.metrics import Metrics
 
 log = logging.getLogger("vae_serve.batcher")
 SHUTTING_DOWN = "the service is shutting down"
+# A batch that would take one lane this long or longer is shared among the lanes that are free (`Batcher._share`).
+LANE_SPLIT_S = 0.010
 
 
 class Deferred(Protocol):
@@ -154,6 +158,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._submissions = 0
+        self._lane_seconds_per_image: float | None = None  # a lane's recent batches, per image (`_share`)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}-{self.op}")
@@ -319,11 +324,15 @@ class Batcher:
 
     def _recorded_call(self, thread: ThreadPoolExecutor, parts: list[Inputs], thens: list[Then | None]) -> list[Any]:
         """On `thread`: `_call_batch`, then count the batch in the metrics (its time there, its size, the thread)."""
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         answers = self._call_batch(parts, thens)
+        size, kind = sum(len(part) for part in parts), self._lanes.kind(thread)
         self._compute_seconds.observe(time.perf_counter() - started)
-        self._batch_size.observe(sum(len(part) for part in parts))
-        self._batches[self._lanes.kind(thread)].inc()
+        self._batch_size.observe(size)
+        self._batches[kind].inc()
+        if kind == "lane":  # its CPU time: the wall time grows with what else wants the cores. Read by `_share`.
+            per_image, before = (time.thread_time() - cpu_started) / size, self._lane_seconds_per_image
+            self._lane_seconds_per_image = per_image if before is None else 0.8 * before + 0.2 * per_image
         return answers
 
     def _set_depth(self, depth: int) -> None:
@@ -341,8 +350,8 @@ class Batcher:
                 return False
         return True
 
-    async def _collect(self, batch: list[_Item], max_wait_s: float) -> None:
-        """Move what is queued into `batch`, up to the batch limit, waiting up to `max_wait_s` for more while company
+    async def _collect(self, batch: list[_Item], max_wait_s: float, limit: int) -> None:
+        """Move what is queued into `batch`, up to `limit` images, waiting up to `max_wait_s` for more while company
         could come. Nothing if a lane that feeds itself took everything first.
 
         Where the server counts its connections, a request queued on its own waits too: it queued behind another
@@ -353,7 +362,7 @@ class Batcher:
         it: the only sign there that more may come."""
         company = self._active_connections is not None or len(self._queue) > 1
         give_up = asyncio.get_running_loop().time() + max_wait_s
-        while not self._take_into(batch) and batch and company:  # not full yet
+        while not self._take_into(batch, limit) and batch and company:  # not full yet
             remaining = give_up - asyncio.get_running_loop().time()
             # a lane's batch (no wait) stops here before counting anything
             if remaining <= 0 or not self._company_could_come() or not await self._wait_for_items(remaining):
@@ -383,18 +392,20 @@ class Batcher:
         waiting = len(self._queue) + len(self._computing_now) + sum(len(items) for items in self._computing.values())
         return self._active_connections() > waiting + arriving
 
-    def _take_into(self, batch: list[_Item]) -> bool:
-        """Move queued items into `batch` while they fit; True once it is full. From the event loop or a lane."""
+    def _take_into(self, batch: list[_Item], limit: int | None = None) -> bool:
+        """Move queued items into `batch` while they fit in `limit` images (default: the batch size); True once it is
+        full. From the event loop or a lane."""
+        limit = self.max_batch_size if limit is None else limit
         with self._lock:
             size = taken = sum(len(item.inputs) for item in batch)
-            while self._queue and size < self.max_batch_size:
+            while self._queue and size < limit:
                 head = self._queue[0]
-                if batch and (size + len(head.inputs) > self.max_batch_size or head.request == batch[-1].request):
+                if batch and (size + len(head.inputs) > limit or head.request == batch[-1].request):
                     break  # the next item would not fit, or is the next part of a request in this batch: it heads the next
                 batch.append(self._queue.popleft())
                 size += len(head.inputs)
             self._set_depth(self._depth - (size - taken))
-            return bool(self._queue) or size >= self.max_batch_size
+            return bool(self._queue) or size >= limit
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -405,7 +416,7 @@ class Batcher:
             # it waits for company (else a stop then dropped its requests, which waited out their deadline).
             batch = self._computing[thread] = []
             try:
-                await self._collect(batch, self._wait_for_company(thread))
+                await self._collect(batch, self._wait_for_company(thread), self._share(thread))
             except BaseException:
                 self._thread_free(thread, batch, _shutting_down())
                 raise
@@ -433,6 +444,21 @@ class Batcher:
         connections on 2 cores, 597 -> 651 images/s without it (bench/README.md). On the model thread (and on a GPU)
         a bigger batch is worth the wait."""
         return self.max_wait_s if thread is self._lanes.model_thread else 0.0
+
+    def _share(self, thread: ThreadPoolExecutor) -> int:
+        """The most images a batch for `thread` takes: on a lane taken while other lanes are free too, its share of
+        what is queued, so that the others take the rest at once rather than idle beside one lane's large batch. Else
+        a clientele that is answered together comes back together, every batch is one lane's, and the process runs on
+        one core: faces at 32 connections on 2 cores fell into that in 4 of 6 rounds, 623-695 images/s on 1.0-1.2
+        cores, and never with shares, 997-1,192 on 1.8 (two servers up at once, wrk alternating; bench/README.md).
+        Only where what is queued would take a lane LANE_SPLIT_S or more of CPU, as its recent batches took: a cheap
+        model's big batch costs the event loop less than two halves (mnist at 32 connections with every batch split,
+        2,910-3,280 requests/s against 3,600-4,060)."""
+        free = self._lanes.free_lanes() if thread is not self._lanes.model_thread else 0
+        per_image = self._lane_seconds_per_image
+        if not free or per_image is None or self._depth * per_image < LANE_SPLIT_S:
+            return self.max_batch_size
+        return min(self.max_batch_size, max(LANE_MIN_IMAGES, math.ceil(self._depth / (free + 1))))
 
     def _compute(self, loop: asyncio.AbstractEventLoop, thread: ThreadPoolExecutor, live: list[_Item]) -> None:
         """On `thread`: compute `live`, hand its answers to the event loop and, on a lane, go straight on with what was

@@ -80,6 +80,10 @@ class Lanes:
     def idle(self) -> bool:
         return not self._solo_busy and len(self._free) == len(self.singles)
 
+    def free_lanes(self) -> int:
+        """How many lanes are free now (none while the model thread computes: they would split its cores)."""
+        return 0 if self._solo_busy else len(self._free)
+
     def worth_lanes(self, items: int, images: int) -> bool:
         """Whether queued work is enough to give every lane a batch worth running on one thread. A lone batch, or a few
         images, run faster on the model thread: one thread decodes a batch of 8 faces at 88% of the images/s of a

@@ -172,6 +172,41 @@ async def test_a_batch_for_a_lane_starts_with_what_is_queued_and_one_on_the_mode
         lanes.shutdown()
 
 
+@pytest.mark.parametrize(("cpu_per_image_s", "batches"), [(0.002, [16, 16]), (0.0, [32])], ids=["costly", "cheap"])
+async def test_a_burst_that_would_take_one_lane_long_is_shared_among_the_free_lanes(
+    cpu_per_image_s: float, batches: list[int]
+) -> None:
+    """Clients answered together come back together: their batch is split among the free lanes where one lane would
+    compute it for LANE_SPLIT_S or more, as its earlier batches measured, rather than one lane taking it all while the
+    others idle. A cheap model's burst stays one batch."""
+    calls: list[tuple[str, int]] = []
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        until = time.thread_time() + cpu_per_image_s * len(x)  # the lane's own CPU, as `Batcher` measures it
+        while time.thread_time() < until:
+            pass
+        calls.append((threading.current_thread().name, len(x)))
+        return x * 2
+
+    lanes = Lanes(ThreadPoolExecutor(1, thread_name_prefix="model"), single_thread_lanes(2))
+    b = Batcher("m", "decode", predict, lanes, Metrics(), max_batch_size=64, max_wait_s=0.001, queue_size=256)
+    b.start()
+
+    async def burst(requests: int) -> None:
+        await asyncio.gather(*(b.submit(torch.ones(1, 1), timeout_s=5) for _ in range(requests)))
+
+    try:
+        await burst(2 * LANE_MIN_IMAGES)  # on a lane, which measures what an image costs it
+        assert calls[-1][0].startswith("lane")
+        calls.clear()
+        await burst(32)
+        assert sorted(size for _, size in calls) == batches
+        assert len({thread for thread, _ in calls}) == len(batches)  # each on a lane of its own
+    finally:
+        await b.stop()
+        lanes.shutdown()
+
+
 class HeldLanes:
     """Two single-thread lanes whose model calls wait for `release`, and what each call saw: (model, thread, size)."""
 
