@@ -158,8 +158,10 @@ def _fit_digit(gray: np.ndarray, size: int) -> np.ndarray:
     mask = gray > 0.25 * gray.max() if gray.max() > 0 else np.zeros_like(gray, dtype=bool)
     if not mask.any():
         return np.asarray(Image.fromarray(gray).resize((size, size), Image.Resampling.LANCZOS))
-    rows, cols = np.nonzero(mask)
-    crop = gray[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    # The box from each row's and column's any(): np.nonzero(mask) would list every inked pixel, 635 MB of indices for
+    # a 40-megapixel upload that compresses to 52 KB.
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    crop = gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     box = round(size * 20 / 28)
     scale = box / max(crop.shape)
     h, w = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))

@@ -116,6 +116,18 @@ async def test_a_decompression_bomb_is_refused_from_its_header_without_decoding_
     assert growth[0] < 100 * 2**20  # decoded, it would take 900 MB
 
 
+def test_a_large_evenly_inked_upload_to_a_digit_model_is_normalised_without_listing_its_pixels() -> None:
+    """16 megapixels of gray compress to a few KB; the digit's box is found from its rows and columns, not from a list
+    of every inked pixel (two int64 indices each: 256 MB here, 635 MB at the 40-megapixel limit)."""
+    buffer = io.BytesIO()
+    Image.new("L", (4000, 4000), 128).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) < 50_000
+    with peak_memory_growth() as growth:
+        x = prepare_upload(buffer.getvalue(), (1, 28, 28), max_pixels=40_000_000, digit=True)
+    assert x.shape == (1, 28, 28) and x.max() > 0
+    assert growth[0] < 160 * 2**20
+
+
 async def test_an_image_over_the_configured_pixel_limit_is_422_with_the_limit(client: httpx.AsyncClient) -> None:
     r = await encode_form(client, png_bomb(8000, 8000))  # 64 M pixels: under Pillow's own bomb limit, over ours
     assert r.status_code == 422
