@@ -123,8 +123,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def _to_mode(image: Image.Image, channels: int) -> np.ndarray:
-    """Any mode -> uint8 (H, W, channels); transparency composited on white, 16-bit scaled down."""
+def _to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Any mode -> 8-bit L or RGB; transparency composited on white, 16-bit scaled down."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
         # A 16-bit mode is 16-bit by definition (a dark image stays dark); for 32-bit ones, guess from the values.
@@ -136,21 +136,20 @@ def _to_mode(image: Image.Image, channels: int) -> np.ndarray:
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    image = image.convert("L" if channels == 1 else "RGB")
-    array = np.asarray(image, dtype=np.uint8)
-    return array[..., None] if channels == 1 else array
+    return image.convert("L" if channels == 1 else "RGB")
 
 
-def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
-    w, h = image.size
+def _center_box(size: tuple[int, int], height: int, width: int) -> tuple[int, int, int, int]:
+    """The largest centred box of an image of `size` with the model's aspect ratio: (left, top, right, bottom)."""
+    w, h = size
     target = width / height
     if w / h > target:
         new_w = max(1, round(h * target))
         left = (w - new_w) // 2
-        return image.crop((left, 0, left + new_w, h))
+        return left, 0, left + new_w, h
     new_h = max(1, round(w / target))
     top = (h - new_h) // 2
-    return image.crop((0, top, w, top + new_h))
+    return 0, top, w, top + new_h
 
 
 def _fit_digit(gray: np.ndarray, size: int) -> np.ndarray:
@@ -192,13 +191,13 @@ def prepare_upload(
         image.draft("RGB" if channels == 3 else "L", (width * 2, height * 2))  # JPEG: decode at reduced size
         image = ImageOps.exif_transpose(image) or image
         image.load()
-        pixels = _to_mode(image, channels)
+        pil = _to_mode(image, channels)
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageError(f"the image could not be decoded: {exc}") from None
     if channels == 1:
-        gray = pixels[..., 0]
+        gray = np.asarray(pil, dtype=np.uint8)
         if invert is None:
             border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
             invert = float(border.mean()) > 127.5
@@ -206,8 +205,13 @@ def prepare_upload(
             gray = 255 - gray
         if digit:
             return (_fit_digit(gray, height).astype(np.float32) / 255.0)[None]
-        pixels = gray[..., None]
-    pil = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
-    pil = _center_crop(pil, height, width).resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        pil = Image.fromarray(gray)
+    # An RGB upload stays a Pillow image till it is small, and one of the model's shape is not cropped: no full-size copy
+    # is made (a square 40-megapixel PNG of 131 KB took 1.05 s and 416 MiB with three, 0.52 s and 151 MiB without).
+    # `resize(box=...)` would spare the crop's copy too, but it filters across the box's edges: other pixels.
+    box = _center_box(pil.size, height, width)
+    if box != (0, 0, *pil.size):
+        pil = pil.crop(box)
+    pil = pil.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
     array = np.asarray(pil, dtype=np.float32) / 255.0
     return array[None] if channels == 1 else array.transpose(2, 0, 1)

@@ -128,6 +128,16 @@ def test_a_large_evenly_inked_upload_to_a_digit_model_is_normalised_without_list
     assert growth[0] < 160 * 2**20
 
 
+def test_a_large_square_photo_is_resized_without_a_full_size_copy() -> None:
+    """16 megapixels of RGB, 48 MB decoded (64 MB as Pillow holds it): no full-size copy of it is made (before: three)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 4000), (200, 100, 50)).save(buffer, format="PNG")
+    with peak_memory_growth() as growth:
+        x = prepare_upload(buffer.getvalue(), FACES, max_pixels=40_000_000)
+    assert x.shape == FACES and abs(float(x[0].mean()) - 200 / 255) < 1e-3
+    assert growth[0] < 170 * 2**20
+
+
 async def test_an_image_over_the_configured_pixel_limit_is_422_with_the_limit(client: httpx.AsyncClient) -> None:
     r = await encode_form(client, png_bomb(8000, 8000))  # 64 M pixels: under Pillow's own bomb limit, over ours
     assert r.status_code == 422
