@@ -128,6 +128,15 @@ def test_a_large_evenly_inked_upload_to_a_digit_model_is_normalised_without_list
     assert growth[0] < 160 * 2**20
 
 
+@pytest.mark.parametrize("alpha", [0, 128, 255])
+def test_transparency_is_composited_on_white(alpha: int) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (40, 40), (200, 100, 50, alpha)).save(buffer, format="PNG")
+    x = prepare_upload(buffer.getvalue(), FACES, max_pixels=40_000_000)
+    expected = [(c * alpha + 255 * (255 - alpha)) / 255 / 255 for c in (200, 100, 50)]
+    assert np.allclose(x.mean(axis=(1, 2)), expected, atol=1 / 255)
+
+
 def test_a_large_square_photo_is_resized_without_a_full_size_copy() -> None:
     """16 megapixels of RGB, 48 MB decoded (64 MB as Pillow holds it): no full-size copy of it is made (before: three)."""
     buffer = io.BytesIO()
