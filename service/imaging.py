@@ -212,7 +212,7 @@ def prepare_upload(
             return (_fit_digit(gray, height).astype(np.float32) / 255.0)[None]
         pil = Image.fromarray(gray)
     # An RGB upload stays a Pillow image till it is small, and one of the model's shape is not cropped: no full-size copy
-    # is made (a square 40-megapixel PNG of 131 KB took 1.05 s and 416 MiB with three, 0.52 s and 151 MiB without).
+    # is made (a square 40-megapixel PNG of 131 KB took 1.05 s and 416 MiB with three, 0.65 s and 151 MiB without).
     # `resize(box=...)` would spare the crop's copy too, but it filters across the box's edges: other pixels.
     box = _center_box(pil.size, height, width)
     if box != (0, 0, *pil.size):
