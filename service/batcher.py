@@ -416,7 +416,7 @@ class Batcher:
             # it waits for company (else a stop then dropped its requests, which waited out their deadline).
             batch = self._computing[thread] = []
             try:
-                await self._collect(batch, self._wait_for_company(thread), self._share(thread))
+                await self._collect(batch, self._wait_for_company(thread), self._share())
             except BaseException:
                 self._thread_free(thread, batch, _shutting_down())
                 raise
@@ -445,16 +445,16 @@ class Batcher:
         a bigger batch is worth the wait."""
         return self.max_wait_s if thread is self._lanes.model_thread else 0.0
 
-    def _share(self, thread: ThreadPoolExecutor) -> int:
-        """The most images a batch for `thread` takes: on a lane taken while other lanes are free too, its share of
-        what is queued, so that the others take the rest at once rather than idle beside one lane's large batch. Else
+    def _share(self) -> int:
+        """The most images the batch just given a thread takes: on a lane taken while other lanes are free too, its
+        share of what is queued, so that the others take the rest at once rather than idle beside one lane's batch. Else
         a clientele that is answered together comes back together, every batch is one lane's, and the process runs on
         one core: faces at 32 connections on 2 cores fell into that in 4 of 6 rounds, 623-695 images/s on 1.0-1.2
         cores, and never with shares, 997-1,192 on 1.8 (two servers up at once, wrk alternating; bench/README.md).
         Only where what is queued would take a lane LANE_SPLIT_S or more of CPU, as its recent batches took: a cheap
         model's big batch costs the event loop less than two halves (mnist at 32 connections with every batch split,
         2,910-3,280 requests/s against 3,600-4,060)."""
-        free = self._lanes.free_lanes() if thread is not self._lanes.model_thread else 0
+        free = self._lanes.free_lanes()  # none while the model thread computes: a batch for it takes the full size
         per_image = self._lane_seconds_per_image
         if not free or per_image is None or self._depth * per_image < LANE_SPLIT_S:
             return self.max_batch_size

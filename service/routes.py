@@ -171,7 +171,7 @@ async def read_encode_request(request: Request, max_images: int) -> tuple[str, l
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         try:
-            items = await form_items(request, max_images)
+            items = await form_items(request, content_type, max_images)
         except HTTPException:
             raise
         except Exception as exc:  # malformed multipart
@@ -196,10 +196,10 @@ async def read_encode_request(request: Request, max_images: int) -> tuple[str, l
     raise HTTPException(status_code=415, detail="send multipart/form-data with 'image' files, or JSON with base64 'images'")
 
 
-async def form_items(request: Request, max_files: int) -> list[multipart_form.Item]:
+async def form_items(request: Request, content_type: str, max_files: int) -> list[multipart_form.Item]:
     """A multipart body's (name, text or file bytes) items: split at once where it is a plain form, else parsed by
     Starlette (from the body already read), whose errors and limits then apply."""
-    items = multipart_form.parse(await request.body(), request.headers["content-type"], max_files=max_files, max_fields=16)
+    items = multipart_form.parse(await request.body(), content_type, max_files=max_files, max_fields=16)
     if items is not None:
         return items
     form = await request.form(max_files=max_files, max_fields=16)
