@@ -39,10 +39,11 @@ class _BodyTooLarge(HTTPException):
 
 
 class LimitsAndAccessLog:
-    """Pure ASGI middleware: 413 before an oversized body is read, one log line and metrics per request."""
+    """Pure ASGI middleware: 503 on a connection beyond `max_connections`, 413 before an oversized body is read, one log
+    line and metrics per request."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics) -> None:
-        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_connections: int, metrics: Metrics) -> None:
+        self.app, self.max_body_bytes, self.max_connections, self.metrics = app, max_body_bytes, max_connections, metrics
         # (endpoint, model, status) -> the children of the two request metrics: `labels(...)` looks them up under a lock
         # on every call. Bounded as the labels are: route templates, served models, the statuses the app answers.
         self._counted: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -80,6 +81,9 @@ class LimitsAndAccessLog:
         if runtime is not None:
             runtime.active += 1  # a drain waits for requests in progress: their PNGs need the image threads
         try:
+            if (refusal := self._over_connection_limit(scope)) is not None:
+                await refusal(scope, receive, send_wrapper)
+                return
             if declared > self.max_body_bytes:
                 raise _BodyTooLarge(self.max_body_bytes)
             await self.app(scope, receive_wrapper, send_wrapper)
@@ -91,6 +95,18 @@ class LimitsAndAccessLog:
             if runtime is not None:
                 runtime.active -= 1
             self._observe(scope, status, time.perf_counter() - started)
+
+    def _over_connection_limit(self, scope: Scope) -> JSONResponse | None:
+        """503 for a request on a connection beyond VAE_MAX_CONNECTIONS, where the server counts them (server.py). The
+        connection is closed after it, so that it no longer counts."""
+        open_connections = getattr(scope["app"].state, "open_connections", None)
+        if open_connections is None or (count := open_connections()) <= self.max_connections:
+            return None
+        detail = (
+            f"the server has {count} connections open and serves at most {self.max_connections} (VAE_MAX_CONNECTIONS): "
+            "retry on a new connection, or send more requests on fewer connections"
+        )
+        return _error(503, detail, headers={"connection": "close", "retry-after": "1"})
 
     def _observe(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")
@@ -303,7 +319,9 @@ def create_app(settings: Settings | None = None, *, wait_for_models: bool = Fals
     app.include_router(metrics_router, dependencies=auth if settings.metrics_require_key else [])
     _install_error_handlers(app)
     busy_routes = LeanRoutes(app.behind_front, fastapi=app, key_matches=key_matches)
-    app.front = LimitsAndAccessLog(busy_routes, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.front = LimitsAndAccessLog(
+        busy_routes, max_body_bytes=settings.max_body_bytes, max_connections=settings.max_connections, metrics=metrics
+    )
     return app
 
 

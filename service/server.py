@@ -43,8 +43,10 @@ def config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         # uvicorn's middleware for them every request takes one pass less (app.VaeServe)
         proxy_headers=False,
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),  # int(0.5) or None would wait forever
-        # uvicorn answers 503 once the open connections, this one included, reach the limit: + 1 lets max_connections in
-        limit_concurrency=settings.max_connections + 1,
+        # No limit_concurrency: uvicorn counts its request tasks against it too, and a task answered stays in that count
+        # until the next pass of the event loop. A batch answers many requests in one pass and their clients send again
+        # at once, so 990 connections with a limit of 1,000 got thousands of 503s, answered by uvicorn, past the access
+        # log and the metrics. VAE_MAX_CONNECTIONS counts open connections alone, in app.LimitsAndAccessLog.
         workers=1,  # several processes: VAE_WORKERS (service/workers.py), not uvicorn's
     )
 
@@ -57,11 +59,17 @@ IDLE_AFTER_S = 0.005
 
 class DrainingServer(uvicorn.Server):
     """On SIGTERM/SIGINT, turn /readyz to 503 at once, then let uvicorn stop accepting and drain. Tells the app how many
-    client connections are active (`active_connections`), for the batchers' waits for company."""
+    client connections are open (`open_connections`, for VAE_MAX_CONNECTIONS) and how many of them are active
+    (`active_connections`, for the batchers' waits for company)."""
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
+        config.app.state.open_connections = self.open_connections  # type: ignore[union-attr]
         config.app.state.active_connections = self.active_connections  # type: ignore[union-attr]
+
+    def open_connections(self) -> int:
+        """Client connections open, this request's own included."""
+        return len(self.server_state.connections)
 
     def active_connections(self) -> int:
         """Open client connections, less those idle for IDLE_AFTER_S or more. From the event loop. A connection is idle

@@ -15,7 +15,7 @@ import torch
 
 from service import imaging
 from service.settings import Settings
-from tests.conftest import png
+from tests.conftest import png, serve
 from tests.service.tools import peak_memory_growth, serve_with_hook
 
 MODEL_SECONDS = 0.02  # a stand-in model that takes this long per batch, whatever its size
@@ -147,3 +147,19 @@ async def test_a_full_encode_queue_refuses_uploads_before_decoding_them(
     statuses = Counter(r.status_code for r in responses)
     assert set(statuses) == {200, 429} and statuses[200] >= 8, statuses
     assert len(decoded) == statuses[200]  # every refused upload was refused before it was decoded
+
+
+async def test_a_request_on_a_connection_beyond_the_limit_gets_503_closes_it_and_is_counted(settings: Settings) -> None:
+    async with serve(settings.model_copy(update={"max_connections": 2})) as client:
+        app = client.app  # type: ignore[attr-defined]
+        app.state.open_connections = lambda: 3  # as server.DrainingServer counts them
+        refused = await client.post("/sample", json={"model": "faces"})
+        app.state.open_connections = lambda: 2
+        served = await client.post("/sample", json={"model": "faces"})
+        metrics = (await client.get("/metrics")).text
+    assert refused.status_code == 503
+    assert "3 connections open and serves at most 2 (VAE_MAX_CONNECTIONS)" in refused.json()["detail"]
+    assert refused.headers["connection"] == "close" and refused.headers["retry-after"] == "1"
+    assert served.status_code == 200
+    assert 'vae_failures_total{reason="rejected"} 1.0' in metrics
+    assert 'vae_requests_total{endpoint="unmatched",model="",status="503"} 1.0' in metrics
