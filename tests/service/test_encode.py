@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from service.imaging import prepare_upload
 from tests.conftest import png
 
 
@@ -70,6 +71,22 @@ async def test_dark_on_light_digits_are_inverted_automatically_for_mnist(client:
     )
     assert auto.json()["mu"] == same.json()["mu"]
     assert forced.json()["mu"] != auto.json()["mu"]
+
+
+def test_a_digit_is_boxed_into_20_of_28_pixels_and_centred_by_its_mass_as_mnist_was() -> None:
+    photo = np.zeros((300, 200), dtype=np.uint8)
+    photo[30:130, 10:60] = 255  # a bar 100 tall and 50 wide, in a corner of a large frame
+    photo[200, 190] = 40  # faint specks under a quarter of the ink's peak are not part of the digit
+    x = prepare_upload(png(photo), (1, 28, 28), max_pixels=10**6, invert=False, digit=True)[0]
+    ink = x > 0.5
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    assert x.shape == (28, 28) and x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
+    assert rows[-1] - rows[0] + 1 == 20 and cols[-1] - cols[0] + 1 == 10  # the longer side 20, the aspect kept
+    mass = x / x.sum()
+    centre = (mass.sum(axis=1) @ np.arange(28), mass.sum(axis=0) @ np.arange(28))
+    assert np.allclose(centre, (14, 14), atol=0.51)  # to the half pixel that a shift by whole pixels allows
+    blank = prepare_upload(png(np.zeros((40, 40), dtype=np.uint8)), (1, 28, 28), max_pixels=10**6, digit=True)
+    assert blank.shape == (1, 28, 28) and not blank.any()
 
 
 async def test_an_undecodable_image_is_422_saying_so(client: httpx.AsyncClient) -> None:
