@@ -16,6 +16,8 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
@@ -28,6 +30,9 @@ from service.settings import Settings
 
 log = logging.getLogger("vae_serve")
 access_log = logging.getLogger("vae_serve.access")
+# nginx's status for a request whose client closed its connection before the answer: not the server's error (5xx) nor
+# the client's mistake (4xx), and counted apart (`vae_failures_total{reason="disconnected"}`)
+CLIENT_CLOSED_REQUEST = 499
 
 
 class _BodyTooLarge(HTTPException):
@@ -63,14 +68,17 @@ class LimitsAndAccessLog:
             await send(message)
 
         received = 0
+        client_gone = False
 
         async def receive_wrapper() -> Message:
-            nonlocal received
+            nonlocal received, client_gone
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     raise _BodyTooLarge(self.max_body_bytes)
+            elif message["type"] == "http.disconnect":
+                client_gone = True
             return message
 
         try:
@@ -92,6 +100,8 @@ class LimitsAndAccessLog:
                 raise
             await JSONResponse({"detail": exc.detail}, status_code=413)(scope, receive, send_wrapper)
         finally:
+            if client_gone:  # before its request was read: whatever was answered (FastAPI's 400, say) went to nobody
+                status = CLIENT_CLOSED_REQUEST
             if runtime is not None:
                 runtime.active -= 1
             self._observe(scope, status, time.perf_counter() - started)
@@ -121,7 +131,7 @@ class LimitsAndAccessLog:
             self._counted[endpoint, model, status] = children
         children[0].inc()
         children[1].observe(seconds)
-        reason = {429: "rejected", 503: "rejected", 504: "timeout"}.get(status)
+        reason = {429: "rejected", 503: "rejected", 504: "timeout", CLIENT_CLOSED_REQUEST: "disconnected"}.get(status)
         if reason is None and 400 <= status < 500 and status != 404:
             reason = "invalid"
         if reason is None and status >= 500:
@@ -227,6 +237,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             return _error(status, str(exc), headers)
 
         app.add_exception_handler(exc_type, handler)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(_: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # for the access log and the metrics: nobody reads it
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:

@@ -75,7 +75,7 @@ class Metrics:
         )
         self.images = Counter("vae_images_generated_total", "images decoded and returned", ["model"], registry=r)
         self.failures = Counter(
-            "vae_failures_total", "failed requests by reason: rejected, timeout, invalid, internal", ["reason"], registry=r
+            "vae_failures_total", "failed requests by reason: rejected, timeout, invalid, internal, disconnected", ["reason"], registry=r
         )
         self.model_ready = Gauge(
             "vae_model_ready", "1 when the model loaded and passed warm-up (in every worker)", ["model"], registry=r,

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from service import multipart_form
 from service.batcher import NotServing
@@ -172,7 +173,7 @@ async def read_encode_request(request: Request, max_images: int) -> tuple[str, l
     if content_type.startswith("multipart/form-data"):
         try:
             items = await form_items(request, content_type, max_images)
-        except HTTPException:
+        except (HTTPException, ClientDisconnect):
             raise
         except Exception as exc:  # malformed multipart
             raise unprocessable(f"could not read the multipart form: {exc}") from None

@@ -185,3 +185,41 @@ async def test_requests_while_the_models_load_get_503_with_retry_after_not_500(
             break
         await asyncio.sleep(0.02)
     assert (await client.post("/sample", json={"model": "faces"})).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "partial_body"),
+    [
+        ("/sample", "application/json", b'{"model": "fa'),
+        ("/encode", "multipart/form-data; boundary=b", b'--b\r\ncontent-disposition: form-data; name="model"\r\n\r\nfaces'),
+        ("/encode", "application/json", b'{"model": "faces", "images": ["iVBO'),
+        ("/sample", "text/plain", b'{"model": "fa'),  # one for FastAPI's own stack
+    ],
+)
+async def test_a_client_gone_before_its_body_is_in_is_logged_499_and_counted_apart_from_server_errors(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, path: str, content_type: str, partial_body: bytes
+) -> None:
+    messages = iter([
+        {"type": "http.request", "body": partial_body, "more_body": True},
+        {"type": "http.disconnect"},
+    ])
+
+    async def receive() -> dict[str, object]:
+        return next(messages)
+
+    async def send(message: dict[str, object]) -> None:
+        pass
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"test"), (b"content-type", content_type.encode()), (b"content-length", b"1000")],
+        "client": ("127.0.0.1", 5000), "server": ("test", 80),
+    }
+    with caplog.at_level(logging.INFO):
+        await client.app(scope, receive, send)  # type: ignore[attr-defined]
+    metrics = (await client.get("/metrics")).text
+    assert [record.status for record in caplog.records if record.name == "vae_serve.access"] == [499]  # type: ignore[attr-defined]
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]  # no "unhandled error"
+    assert 'vae_failures_total{reason="disconnected"} 1.0' in metrics
+    assert 'vae_failures_total{reason="internal"}' not in metrics
