@@ -27,6 +27,7 @@ from service.routes import metrics_router, probes, router
 from service.runtime import ModelUnavailable, Runtime, UnknownModel
 from service.schemas import Problem
 from service.settings import Settings
+from service.slow_clients import TIMED_OUT
 
 log = logging.getLogger("vae_serve")
 access_log = logging.getLogger("vae_serve.access")
@@ -101,7 +102,8 @@ class LimitsAndAccessLog:
             await JSONResponse({"detail": exc.detail}, status_code=413)(scope, receive, send_wrapper)
         finally:
             if client_gone:  # before its request was read: whatever was answered (FastAPI's 400, say) went to nobody
-                status = CLIENT_CLOSED_REQUEST
+                timed_out = scope.get("state", {}).get(TIMED_OUT)  # the server closed it: the client was too slow
+                status = 408 if timed_out else CLIENT_CLOSED_REQUEST
             if runtime is not None:
                 runtime.active -= 1
             self._observe(scope, status, time.perf_counter() - started)

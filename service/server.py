@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from service.app import log_format
 from service.log_writer import BulkWriter
 from service.settings import Settings
+from service.slow_clients import TimedHttpToolsProtocol
 
 
 class _JsonFormatter(logging.Formatter):
@@ -48,6 +49,7 @@ def config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         # at once, so 990 connections with a limit of 1,000 got thousands of 503s, answered by uvicorn, past the access
         # log and the metrics. VAE_MAX_CONNECTIONS counts open connections alone, in app.LimitsAndAccessLog.
         workers=1,  # several processes: VAE_WORKERS (service/workers.py), not uvicorn's
+        http=TimedHttpToolsProtocol,  # for VAE_READ_TIMEOUT_S (service/slow_clients.py)
     )
 
 
@@ -70,6 +72,20 @@ class DrainingServer(uvicorn.Server):
     def open_connections(self) -> int:
         """Client connections open, this request's own included."""
         return len(self.server_state.connections)
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's tick (every 0.1 s), and about once a second (more often for a timeout under 4 s) a sweep that closes
+        connections whose request did not come in time (service/slow_clients.py)."""
+        state = self.config.app.state  # type: ignore[union-attr]
+        timeout_s = state.settings.read_timeout_s
+        if counter % max(1, min(10, int(timeout_s * 10 / 4))) == 0:
+            now = asyncio.get_running_loop().time()
+            late = [c for c in self.server_state.connections if isinstance(c, TimedHttpToolsProtocol) and c.overdue(now, timeout_s)]
+            for connection in late:
+                connection.time_out(timeout_s)
+            if late:
+                state.metrics.connections_timed_out.inc(len(late))
+        return await super().on_tick(counter)
 
     def active_connections(self) -> int:
         """Open client connections, less those idle for IDLE_AFTER_S or more. From the event loop. A connection is idle

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(20.0, ge=0, description="on SIGTERM, how long admitted requests may finish")
 
     max_connections: int = Field(1000, ge=1, description="requests on connections beyond this many get 503 at once")
+    read_timeout_s: float = Field(
+        10.0, gt=0, description="a request's head is due within this long of its first byte (of the connection opening, "
+        "for a first request), its body this long after the head plus 1 s per KiB; later ones get 408 and are closed",
+    )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger bodies get 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger uploads get 422 (decompression bombs)")
     max_images_per_request: int = Field(64, ge=1, description="images per /encode request")

@@ -1,0 +1,79 @@
+"""Connections that hold a place without sending their request are closed: otherwise one client takes every connection
+the server serves (VAE_MAX_CONNECTIONS) by opening them and sending nothing, or a request a byte at a time (slowloris),
+and every other client then gets 503. uvicorn closes a connection idle after an answer (its keep-alive timeout), but
+neither a new one that sends nothing nor one whose request never ends.
+
+The rule is that of Apache's mod_reqtimeout: a request's head must be in within VAE_READ_TIMEOUT_S of its first byte
+(of the connection opening, for a connection's first request), and its body within VAE_READ_TIMEOUT_S of the head, plus
+a second for every MIN_BODY_BYTES_PER_S bytes that came: a slow upload that keeps coming is served, a trickle is not.
+Such a connection gets 408 (where no answer is being written on it) and is closed; the server's sweep
+(`server.DrainingServer`) checks every connection about once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MIN_BODY_BYTES_PER_S = 1024
+# What a request that took too long is answered, where nothing else is being written on its connection. The request's
+# own answer, if its app is still reading it, is logged as 408 too (app.LimitsAndAccessLog reads TIMED_OUT).
+_REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s"
+)
+TIMED_OUT = "vae_serve.read_timed_out"  # set in the request's scope["state"] when its connection is closed for it
+
+
+class TimedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, noting when the request being read began, when its head was in, and how many bytes
+    of its body have come. tests/service/test_slow_clients.py holds uvicorn to the callbacks it relies on."""
+
+    reading_since: float | None = None  # loop time; None while no request is being read
+    head_at: float | None = None
+    body_bytes = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.reading_since = self.loop.time()  # its first request is due from now
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self.reading_since is None:
+            self.reading_since = self.loop.time()
+        self.head_at, self.body_bytes = None, 0
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self.head_at = self.loop.time()
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        self.body_bytes += len(body)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.reading_since = None
+
+    def overdue(self, now: float, timeout_s: float) -> bool:
+        """Whether the request being read (if any) is late by the rule above."""
+        if self.reading_since is None or self.transport.is_closing():
+            return False
+        if self.head_at is None:
+            return now > self.reading_since + timeout_s
+        return now > self.head_at + timeout_s + self.body_bytes / MIN_BODY_BYTES_PER_S
+
+    def time_out(self, timeout_s: float) -> None:
+        """Answer 408 unless an answer is already on its way, and close the connection."""
+        cycle = self.cycle
+        answering = cycle is not None and not cycle.response_complete
+        if self.head_at is not None and answering:
+            cycle.scope.setdefault("state", {})[TIMED_OUT] = True  # type: ignore[union-attr]  # its app reads the body
+        if (answering and not cycle.response_started) or (self.head_at is None and not answering):  # type: ignore[union-attr]
+            message = (
+                f"the request did not come in time: its head is due within {timeout_s:g} s, its body within "
+                f"{timeout_s:g} s more and 1 s per {MIN_BODY_BYTES_PER_S} bytes (VAE_READ_TIMEOUT_S)"
+            ).encode()
+            self.transport.write(_REQUEST_TIMEOUT % (len(message), message))
+        self.transport.close()

@@ -1,0 +1,126 @@
+"""VAE_READ_TIMEOUT_S: a connection that sends nothing, or its request too slowly, gets 408 and is closed, so that no
+client can hold the server's connections; a slow request that keeps coming is served. Against a real uvicorn, whose
+protocol callbacks slow_clients.TimedHttpToolsProtocol relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from service.app import create_app
+from service.server import DrainingServer, config
+from service.settings import Settings
+
+TIMEOUT_S = 0.3
+
+
+@pytest.fixture
+async def server(tiny_models: Path) -> AsyncIterator[tuple[int, DrainingServer]]:
+    settings = Settings(model_dir=tiny_models, port=0, read_timeout_s=TIMEOUT_S)
+    app = create_app(settings, wait_for_models=True)
+    served = DrainingServer(config(app, settings))
+    serving = asyncio.create_task(served.serve())
+    while not served.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield served.servers[0].sockets[0].getsockname()[1], served
+    finally:
+        served.should_exit = True
+        await serving
+
+
+async def exchange(port: int, *chunks: bytes, gap_s: float = 0.0) -> tuple[bytes, float]:
+    """Send `chunks` `gap_s` apart; (all the server answered until it closed, seconds from the first byte to the end)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    started, answer = loop.time(), bytearray()
+
+    async def read_all() -> None:  # as the answer comes: a write after the server closed fails the reader too
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                answer.extend(data)
+
+    reading = asyncio.create_task(read_all())
+    try:
+        for chunk in chunks:
+            if reading.done():
+                break
+            writer.write(chunk)
+            await asyncio.sleep(gap_s)
+        await asyncio.wait_for(reading, timeout=10)
+    finally:
+        writer.close()
+    return bytes(answer), loop.time() - started
+
+
+def sample_request(body: bytes) -> bytes:
+    return (
+        b"POST /sample HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n" % len(body)
+    )
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        (),  # a connection that never sends anything
+        (b"POST /sample HTTP/1.1\r\nhost: test\r\n",),  # a head that never ends
+        (sample_request(b'{"model": "faces"}'),),  # a body that never comes
+    ],
+    ids=["silent", "head unfinished", "body missing"],
+)
+async def test_a_request_that_does_not_come_in_time_gets_408_and_its_connection_is_closed(
+    server: tuple[int, DrainingServer], chunks: tuple[bytes, ...]
+) -> None:
+    port, served = server
+    answer, seconds = await exchange(port, *chunks)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"VAE_READ_TIMEOUT_S" in answer and b"connection: close" in answer
+    assert TIMEOUT_S <= seconds < TIMEOUT_S + 1
+    metrics = served.config.app.state.metrics  # type: ignore[union-attr]
+    assert metrics.connections_timed_out._value.get() == 1
+
+
+async def test_a_slow_body_that_keeps_coming_is_served_and_a_trickle_is_not(
+    server: tuple[int, DrainingServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    port, _ = server
+    body = json.dumps({"model": "faces", "n": 1}).encode().ljust(2048)  # 2 KiB: 2 s more than the timeout allows
+    parts = [body[i : i + 512] for i in range(0, len(body), 512)]
+    answer, seconds = await exchange(port, sample_request(body), *parts, gap_s=0.15)
+    assert answer.startswith(b"HTTP/1.1 200 ") and seconds > TIMEOUT_S
+    with caplog.at_level(logging.INFO):
+        trickle = [body[i : i + 16] for i in range(0, len(body), 16)]  # 16 bytes every 0.15 s: 107 bytes/s
+        answer, _ = await exchange(port, sample_request(body), *trickle[:20], gap_s=0.15)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert [record.status for record in caplog.records if record.name == "vae_serve.access"] == [408]  # type: ignore[attr-defined]
+
+
+async def test_connections_that_send_their_requests_in_time_are_kept(server: tuple[int, DrainingServer]) -> None:
+    port, served = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for _ in range(3):  # keep-alive requests, each sent at once but after longer than the timeout in all
+            writer.write(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+            await reader.readexactly(length)
+            await asyncio.sleep(TIMEOUT_S * 0.6)
+    finally:
+        writer.close()
+    assert served.config.app.state.metrics.connections_timed_out._value.get() == 0  # type: ignore[union-attr]
+
+
+def test_the_server_reads_requests_with_the_timed_protocol() -> None:
+    loaded = config(create_app(Settings()), Settings())
+    loaded.load()
+    assert loaded.http_protocol_class.__name__ == "TimedHttpToolsProtocol"
+    assert issubclass(loaded.http_protocol_class, uvicorn.protocols.http.httptools_impl.HttpToolsProtocol)
