@@ -78,8 +78,8 @@ class Metrics:
             "vae_failures_total", "failed requests by reason: rejected, timeout, invalid, internal, disconnected", ["reason"], registry=r
         )
         self.connections_timed_out = Counter(
-            "vae_connections_timed_out_total", "connections closed because their request did not come in time "
-            "(VAE_READ_TIMEOUT_S): silent or slow clients", registry=r,
+            "vae_connections_timed_out_total", "connections closed because their request did not come, or their answer "
+            "was not read, in time (VAE_READ_TIMEOUT_S): silent or slow clients", registry=r,
         )
         self.model_ready = Gauge(
             "vae_model_ready", "1 when the model loaded and passed warm-up (in every worker)", ["model"], registry=r,

@@ -79,12 +79,18 @@ class DrainingServer(uvicorn.Server):
         state = self.config.app.state  # type: ignore[union-attr]
         timeout_s = state.settings.read_timeout_s
         if counter % max(1, min(10, int(timeout_s * 10 / 4))) == 0:
-            now = asyncio.get_running_loop().time()
-            late = [c for c in self.server_state.connections if isinstance(c, TimedHttpToolsProtocol) and c.overdue(now, timeout_s)]
-            for connection in late:
-                connection.time_out(timeout_s)
-            if late:
-                state.metrics.connections_timed_out.inc(len(late))
+            now, closed = asyncio.get_running_loop().time(), 0
+            for connection in list(self.server_state.connections):
+                if not isinstance(connection, TimedHttpToolsProtocol):
+                    continue
+                if connection.answer_unread(now, timeout_s):
+                    connection.transport.abort()  # close() would wait for the client to read it first
+                    closed += 1
+                elif connection.overdue(now, timeout_s):
+                    connection.time_out(timeout_s)
+                    closed += 1
+            if closed:
+                state.metrics.connections_timed_out.inc(closed)
         return await super().on_tick(counter)
 
     def active_connections(self) -> int:

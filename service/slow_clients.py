@@ -6,8 +6,11 @@ neither a new one that sends nothing nor one whose request never ends.
 The rule is that of Apache's mod_reqtimeout: a request's head must be in within VAE_READ_TIMEOUT_S of its first byte
 (of the connection opening, for a connection's first request), and its body within VAE_READ_TIMEOUT_S of the head, plus
 a second for every MIN_BODY_BYTES_PER_S bytes that came: a slow upload that keeps coming is served, a trickle is not.
-Such a connection gets 408 (where no answer is being written on it) and is closed; the server's sweep
-(`server.DrainingServer`) checks every connection about once a second.
+Such a connection gets 408 (where no answer is being written on it) and is closed. The same goes the other way: an
+answer the client does not read, left in the server's write buffer with none of it taken for VAE_READ_TIMEOUT_S, is
+dropped with its connection. Else a client that asks for 256 images as JSON and never reads holds 2.4 MB of memory
+for good, and enough of them hold gigabytes. The server's sweep (`server.DrainingServer`) checks every connection
+about once a second.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     reading_since: float | None = None  # loop time; None while no request is being read
     head_at: float | None = None
     body_bytes = 0
+    unread_since: float | None = None  # since when the write buffer has not shrunk; None while it is empty
+    unread_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -63,6 +68,19 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         if self.head_at is None:
             return now > self.reading_since + timeout_s
         return now > self.head_at + timeout_s + self.body_bytes / MIN_BODY_BYTES_PER_S
+
+    def answer_unread(self, now: float, timeout_s: float) -> bool:
+        """Whether the answer in the write buffer (what the kernel's socket buffer could not take) has not been read
+        from for `timeout_s`: the buffer has not shrunk since."""
+        size = self.transport.get_write_buffer_size()
+        if size == 0:
+            self.unread_since = None
+            return False
+        if self.unread_since is None or size < self.unread_bytes:  # new, or some of it was read: it moves
+            self.unread_since, self.unread_bytes = now, size
+            return False
+        self.unread_bytes = size
+        return now > self.unread_since + timeout_s
 
     def time_out(self, timeout_s: float) -> None:
         """Answer 408 unless an answer is already on its way, and close the connection."""

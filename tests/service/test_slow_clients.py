@@ -1,6 +1,6 @@
 """VAE_READ_TIMEOUT_S: a connection that sends nothing, or its request too slowly, gets 408 and is closed, so that no
-client can hold the server's connections; a slow request that keeps coming is served. Against a real uvicorn, whose
-protocol callbacks slow_clients.TimedHttpToolsProtocol relies on."""
+client can hold the server's connections, and an answer its client does not read is dropped; a slow request that keeps
+coming is served. Against a real uvicorn, whose protocol callbacks slow_clients.TimedHttpToolsProtocol relies on."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -117,6 +118,26 @@ async def test_connections_that_send_their_requests_in_time_are_kept(server: tup
     finally:
         writer.close()
     assert served.config.app.state.metrics.connections_timed_out._value.get() == 0  # type: ignore[union-attr]
+
+
+async def test_an_answer_the_client_does_not_read_is_dropped_with_its_connection(server: tuple[int, DrainingServer]) -> None:
+    port, served = server
+    body = json.dumps({"model": "faces", "n": 256}).encode()  # about 1 MB of JSON
+    # small kernel buffers on both ends (an accepted socket takes the listener's), so that the answer stays in uvicorn's
+    served.servers[0].sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client = socket.create_connection(("127.0.0.1", port))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        client.sendall(sample_request(body).replace(b"connection: close", b"accept: application/json") + body)
+        metrics = served.config.app.state.metrics  # type: ignore[union-attr]
+        deadline = asyncio.get_running_loop().time() + 10
+        while metrics.connections_timed_out._value.get() == 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)  # the client reads nothing
+        assert metrics.connections_timed_out._value.get() == 1
+        await asyncio.sleep(0.1)
+        assert served.open_connections() == 0  # aborted: its buffer is gone, not waiting to be flushed
+    finally:
+        client.close()
 
 
 def test_the_server_reads_requests_with_the_timed_protocol() -> None:
