@@ -22,12 +22,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
 from service.fastpath import LeanRoutes
+from service.http_protocol import TIMED_OUT
 from service.metrics import Metrics
 from service.routes import metrics_router, probes, router
 from service.runtime import ModelUnavailable, Runtime, UnknownModel
 from service.schemas import Problem
 from service.settings import Settings
-from service.slow_clients import TIMED_OUT
 
 log = logging.getLogger("vae_serve")
 access_log = logging.getLogger("vae_serve.access")

@@ -11,9 +11,9 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.app import log_format
+from service.http_protocol import GuardedHttpProtocol
 from service.log_writer import BulkWriter
 from service.settings import Settings
-from service.slow_clients import TimedHttpToolsProtocol
 
 
 class _JsonFormatter(logging.Formatter):
@@ -49,7 +49,7 @@ def config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         # at once, so 990 connections with a limit of 1,000 got thousands of 503s, answered by uvicorn, past the access
         # log and the metrics. VAE_MAX_CONNECTIONS counts open connections alone, in app.LimitsAndAccessLog.
         workers=1,  # several processes: VAE_WORKERS (service/workers.py), not uvicorn's
-        http=TimedHttpToolsProtocol,  # for VAE_READ_TIMEOUT_S (service/slow_clients.py)
+        http=GuardedHttpProtocol,  # VAE_READ_TIMEOUT_S and a limit on request heads (service/http_protocol.py)
     )
 
 
@@ -75,13 +75,13 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         """uvicorn's tick (every 0.1 s), and about once a second (more often for a timeout under 4 s) a sweep that closes
-        connections whose request did not come in time (service/slow_clients.py)."""
+        connections whose request did not come, or whose answer was not read, in time (service/http_protocol.py)."""
         state = self.config.app.state  # type: ignore[union-attr]
         timeout_s = state.settings.read_timeout_s
         if counter % max(1, min(10, int(timeout_s * 10 / 4))) == 0:
             now, closed = asyncio.get_running_loop().time(), 0
             for connection in list(self.server_state.connections):
-                if not isinstance(connection, TimedHttpToolsProtocol):
+                if not isinstance(connection, GuardedHttpProtocol):
                     continue
                 if connection.answer_unread(now, timeout_s):
                     connection.transport.abort()  # close() would wait for the client to read it first

@@ -1,6 +1,6 @@
 """VAE_READ_TIMEOUT_S: a connection that sends nothing, or its request too slowly, gets 408 and is closed, so that no
 client can hold the server's connections, and an answer its client does not read is dropped; a slow request that keeps
-coming is served. Against a real uvicorn, whose protocol callbacks slow_clients.TimedHttpToolsProtocol relies on."""
+coming is served. Against a real uvicorn, whose protocol callbacks http_protocol.GuardedHttpProtocol relies on."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 
 from service.app import create_app
+from service.http_protocol import MAX_HEAD_BYTES
 from service.server import DrainingServer, config
 from service.settings import Settings
 
@@ -140,8 +141,18 @@ async def test_an_answer_the_client_does_not_read_is_dropped_with_its_connection
         client.close()
 
 
-def test_the_server_reads_requests_with_the_timed_protocol() -> None:
+async def test_a_request_head_over_the_limit_gets_431_before_the_rest_is_read(server: tuple[int, DrainingServer]) -> None:
+    port, _ = server
+    padding = b"x-padding: " + b"a" * 1000 + b"\r\n"
+    answer, _ = await exchange(port, b"POST /sample HTTP/1.1\r\nhost: test\r\n", *[padding * 100] * 20)  # 2 MB
+    assert answer.startswith(b"HTTP/1.1 431 ") and f"over {MAX_HEAD_BYTES} bytes".encode() in answer
+    headers = b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 100) for i in range(100))  # 10 KB of headers: served
+    answer, _ = await exchange(port, b"GET /healthz HTTP/1.1\r\nhost: test\r\nconnection: close\r\n" + headers + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_the_server_reads_requests_with_the_guarded_protocol() -> None:
     loaded = config(create_app(Settings()), Settings())
     loaded.load()
-    assert loaded.http_protocol_class.__name__ == "TimedHttpToolsProtocol"
+    assert loaded.http_protocol_class.__name__ == "GuardedHttpProtocol"
     assert issubclass(loaded.http_protocol_class, uvicorn.protocols.http.httptools_impl.HttpToolsProtocol)

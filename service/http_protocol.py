@@ -1,16 +1,22 @@
-"""Connections that hold a place without sending their request are closed: otherwise one client takes every connection
-the server serves (VAE_MAX_CONNECTIONS) by opening them and sending nothing, or a request a byte at a time (slowloris),
-and every other client then gets 503. uvicorn closes a connection idle after an answer (its keep-alive timeout), but
-neither a new one that sends nothing nor one whose request never ends.
+"""The HTTP protocol vae-serve runs on uvicorn: uvicorn's httptools protocol, with guards against clients that would hold
+the server's connections or its memory.
 
-The rule is that of Apache's mod_reqtimeout: a request's head must be in within VAE_READ_TIMEOUT_S of its first byte
-(of the connection opening, for a connection's first request), and its body within VAE_READ_TIMEOUT_S of the head, plus
-a second for every MIN_BODY_BYTES_PER_S bytes that came: a slow upload that keeps coming is served, a trickle is not.
-Such a connection gets 408 (where no answer is being written on it) and is closed. The same goes the other way: an
-answer the client does not read, left in the server's write buffer with none of it taken for VAE_READ_TIMEOUT_S, is
-dropped with its connection. Else a client that asks for 256 images as JSON and never reads holds 2.4 MB of memory
-for good, and enough of them hold gigabytes. The server's sweep (`server.DrainingServer`) checks every connection
-about once a second.
+- **Requests that do not come in time.** A connection that sends nothing, or a request a byte at a time (slowloris),
+  would otherwise hold a place for good: one client could take every connection the server serves (VAE_MAX_CONNECTIONS)
+  and every other client would get 503. uvicorn closes a connection idle after an answer (its keep-alive timeout), but
+  neither a new one that sends nothing nor one whose request never ends. The rule is that of Apache's mod_reqtimeout:
+  a request's head must be in within VAE_READ_TIMEOUT_S of its first byte (of the connection opening, for a
+  connection's first request), and its body within VAE_READ_TIMEOUT_S of the head, plus a second for every
+  MIN_BODY_BYTES_PER_S bytes that came: a slow upload that keeps coming is served, a trickle is not. Such a connection
+  gets 408 (where no answer is being written on it) and is closed.
+- **Answers that are not read.** An answer the client does not read, left in the server's write buffer with none of it
+  taken for VAE_READ_TIMEOUT_S, is dropped with its connection. Else a client that asks for 256 images as JSON and
+  never reads holds 2.4 MB of memory for good, and enough of them hold gigabytes.
+- **Heads too large.** httptools sets no limit on a request's head (uvicorn's h11 protocol does: 16 KiB): 200 MB of
+  headers sent in 0.4 s took 195 MB of the server's memory. A head (request line and headers) over MAX_HEAD_BYTES gets
+  431 and its connection is closed, as soon as the parser has read that much.
+
+The server's sweep (`server.DrainingServer.on_tick`) checks every connection for the first two about once a second.
 """
 
 from __future__ import annotations
@@ -20,6 +26,11 @@ import asyncio
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MIN_BODY_BYTES_PER_S = 1024
+MAX_HEAD_BYTES = 64 * 1024  # nginx reads up to 32 KiB of headers by default, Apache about 800 KiB, uvicorn's h11 16 KiB
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
 # What a request that took too long is answered, where nothing else is being written on its connection. The request's
 # own answer, if its app is still reading it, is logged as 408 too (app.LimitsAndAccessLog reads TIMED_OUT).
 _REQUEST_TIMEOUT = (
@@ -29,12 +40,19 @@ _REQUEST_TIMEOUT = (
 TIMED_OUT = "vae_serve.read_timed_out"  # set in the request's scope["state"] when its connection is closed for it
 
 
-class TimedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, noting when the request being read began, when its head was in, and how many bytes
-    of its body have come. tests/service/test_slow_clients.py holds uvicorn to the callbacks it relies on."""
+class _HeadTooLarge(Exception):
+    pass
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, noting when the request being read began, the size of its head and when it was in,
+    and how many bytes of its body have come. tests/service/test_http_protocol.py holds uvicorn to the callbacks it
+    relies on."""
 
     reading_since: float | None = None  # loop time; None while no request is being read
     head_at: float | None = None
+    head_bytes = 0
+    head_too_large = False
     body_bytes = 0
     unread_since: float | None = None  # since when the write buffer has not shrunk; None while it is empty
     unread_bytes = 0
@@ -47,7 +65,29 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         if self.reading_since is None:
             self.reading_since = self.loop.time()
-        self.head_at, self.body_bytes = None, 0
+        self.head_at, self.head_bytes, self.body_bytes = None, 0, 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_head(self, size: int) -> None:
+        self.head_bytes += size
+        if self.head_bytes > MAX_HEAD_BYTES:
+            self.head_too_large = True
+            raise _HeadTooLarge  # stops the parser; uvicorn then answers 400 (send_400_response) and closes
+
+    def send_400_response(self, msg: str) -> None:
+        if not self.head_too_large:
+            super().send_400_response(msg)
+            return
+        message = f"the request's head (its line and headers) is over {MAX_HEAD_BYTES} bytes".encode()
+        self.transport.write(_HEAD_TOO_LARGE % (len(message), message))
+        self.transport.close()
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
