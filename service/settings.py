@@ -46,6 +46,10 @@ class Settings(BaseSettings):
         "for a first request), its body this long after the head plus 1 s per KiB; later ones get 408 and are closed",
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger bodies get 413")
+    max_body_bytes_in_flight: int = Field(
+        64 * 1024 * 1024, ge=1024, description="request bodies held at once, all requests together (at least one of "
+        "max_body_bytes); a body that would go over gets 503 with Retry-After",
+    )
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger uploads get 422 (decompression bombs)")
     max_images_per_request: int = Field(64, ge=1, description="images per /encode request")
     max_samples: int = Field(256, ge=1, description="most images per /sample or /decode request")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import threading
 import time
 from collections import Counter
@@ -163,3 +164,35 @@ async def test_a_request_on_a_connection_beyond_the_limit_gets_503_closes_it_and
     assert served.status_code == 200
     assert 'vae_failures_total{reason="rejected"} 1.0' in metrics
     assert 'vae_requests_total{endpoint="unmatched",model="",status="503"} 1.0' in metrics
+
+
+async def test_bodies_over_the_budget_held_at_once_get_503_until_the_held_ones_are_done(settings: Settings) -> None:
+    body = json.dumps({"model": "faces", "n": 1}).encode().ljust(4000)  # valid JSON padded to 4 KB
+    limits = {"max_body_bytes": 4096, "max_body_bytes_in_flight": 6000}  # room for one such body at a time
+    async with serve(settings.model_copy(update=limits)) as client:
+        rest_sent, answers, parts = asyncio.Event(), [], [body[:100], body[100:]]
+
+        async def receive() -> dict[str, object]:  # a client that sends the first 100 bytes, then the rest later
+            if len(parts) == 1:
+                await rest_sent.wait()
+            return {"type": "http.request", "body": parts.pop(0), "more_body": len(parts) == 1}
+
+        async def send(message: dict[str, object]) -> None:
+            answers.append(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/sample", "raw_path": b"/sample", "query_string": b"", "root_path": "",
+            "headers": [(b"host", b"test"), (b"content-type", b"application/json"), (b"content-length", b"4000")],
+            "client": ("127.0.0.1", 5000), "server": ("test", 80),
+        }
+        held = asyncio.create_task(client.app(scope, receive, send))  # type: ignore[attr-defined]
+        await asyncio.sleep(0.05)
+        refused = await client.post("/sample", content=body, headers={"content-type": "application/json"})
+        rest_sent.set()
+        await held
+        served = await client.post("/sample", content=body, headers={"content-type": "application/json"})
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1" and refused.headers["connection"] == "close"
+    assert "VAE_MAX_BODY_BYTES_IN_FLIGHT" in refused.json()["detail"]
+    assert answers[0]["status"] == 200 and served.status_code == 200
