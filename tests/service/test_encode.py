@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import time
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
+import service.imaging
 from service.imaging import prepare_upload
 from tests.conftest import png
 
@@ -107,3 +111,27 @@ async def test_too_many_images_is_422_with_the_limit(client: httpx.AsyncClient) 
     r = await client.post("/encode", json={"model": "mnist", "images": images})
     assert r.status_code == 422
     assert "64" in r.json()["detail"]
+
+
+async def test_a_one_image_request_is_not_held_behind_the_uploads_of_a_many_image_one(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = service.imaging.prepare_upload
+
+    def slow(data: bytes, *args: object, **kwargs: object) -> np.ndarray:
+        time.sleep(0.05)  # as a large upload: the image threads are busy with it
+        return real(data, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service.imaging, "prepare_upload", slow)
+
+    async def encode(images: int) -> float:
+        started = time.perf_counter()
+        files = [("image", (f"{i}.png", png(), "image/png")) for i in range(images)]
+        r = await client.post("/encode", data={"model": "faces"}, files=files)
+        assert r.status_code == 200
+        return time.perf_counter() - started
+
+    many = asyncio.create_task(encode(32))  # 32 uploads: 0.8 s on two image threads
+    await asyncio.sleep(0.05)
+    one = await encode(1)
+    assert one < 0.4 and one < await many / 2  # it took a turn among them, not the end of their queue
