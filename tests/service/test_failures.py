@@ -18,7 +18,7 @@ import service.runtime
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import png
-from tests.service.tools import StandIn, serve_with_hook
+from tests.service.tools import StandIn, post_scope, serve_with_hook
 
 POISON = 13.0  # a latent coordinate the stand-in model chokes on
 
@@ -210,14 +210,8 @@ async def test_a_client_gone_before_its_body_is_in_is_logged_499_and_counted_apa
     async def send(message: dict[str, object]) -> None:
         pass
 
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-        "headers": [(b"host", b"test"), (b"content-type", content_type.encode()), (b"content-length", b"1000")],
-        "client": ("127.0.0.1", 5000), "server": ("test", 80),
-    }
     with caplog.at_level(logging.INFO):
-        await client.app(scope, receive, send)  # type: ignore[attr-defined]
+        await client.app(post_scope(path, content_type, 1000), receive, send)  # type: ignore[attr-defined]
     metrics = (await client.get("/metrics")).text
     assert [record.status for record in caplog.records if record.name == "vae_serve.access"] == [499]  # type: ignore[attr-defined]
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]  # no "unhandled error"

@@ -1,6 +1,7 @@
-"""VAE_READ_TIMEOUT_S: a connection that sends nothing, or its request too slowly, gets 408 and is closed, so that no
-client can hold the server's connections, and an answer its client does not read is dropped; a slow request that keeps
-coming is served. Against a real uvicorn, whose protocol callbacks http_protocol.GuardedHttpProtocol relies on."""
+"""The guarded HTTP protocol. VAE_READ_TIMEOUT_S: a connection that sends nothing, or its request too slowly, gets 408
+and is closed, so that no client can hold the server's connections, and an answer its client does not read is dropped;
+a slow request that keeps coming is served. A request head over 64 KiB gets 431. Against a real uvicorn, whose protocol
+callbacks http_protocol.GuardedHttpProtocol relies on."""
 
 from __future__ import annotations
 

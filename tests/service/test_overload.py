@@ -17,7 +17,7 @@ import torch
 from service import imaging
 from service.settings import Settings
 from tests.conftest import png, serve
-from tests.service.tools import peak_memory_growth, serve_with_hook
+from tests.service.tools import peak_memory_growth, post_scope, serve_with_hook
 
 MODEL_SECONDS = 0.02  # a stand-in model that takes this long per batch, whatever its size
 
@@ -180,12 +180,7 @@ async def test_bodies_over_the_budget_held_at_once_get_503_until_the_held_ones_a
         async def send(message: dict[str, object]) -> None:
             answers.append(message)
 
-        scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-            "path": "/sample", "raw_path": b"/sample", "query_string": b"", "root_path": "",
-            "headers": [(b"host", b"test"), (b"content-type", b"application/json"), (b"content-length", b"4000")],
-            "client": ("127.0.0.1", 5000), "server": ("test", 80),
-        }
+        scope = post_scope("/sample", "application/json", len(body))
         held = asyncio.create_task(client.app(scope, receive, send))  # type: ignore[attr-defined]
         await asyncio.sleep(0.05)
         refused = await client.post("/sample", content=body, headers={"content-type": "application/json"})

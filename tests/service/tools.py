@@ -82,3 +82,15 @@ def peak_memory_growth() -> Iterator[list[int]]:
     finally:
         done.set()
         sampler.join()
+
+
+def post_scope(path: str, content_type: str, content_length: int) -> dict[str, Any]:
+    """The ASGI scope of a POST as uvicorn passes it, for a test that plays the client's side of `receive` itself."""
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [
+            (b"host", b"test"), (b"content-type", content_type.encode()), (b"content-length", str(content_length).encode())
+        ],
+        "client": ("127.0.0.1", 5000), "server": ("test", 80),
+    }
