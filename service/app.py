@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
 from service.fastpath import LeanRoutes
-from service.http_protocol import TIMED_OUT
+from service.http_protocol import OVER_LIMIT, TIMED_OUT
 from service.metrics import Metrics
 from service.routes import metrics_router, probes, router
 from service.runtime import ModelUnavailable, Runtime, UnknownModel
@@ -139,14 +139,14 @@ class LimitsAndAccessLog:
             self._observe(scope, status, time.perf_counter() - started)
 
     def _over_connection_limit(self, scope: Scope) -> JSONResponse | None:
-        """503 for a request on a connection beyond VAE_MAX_CONNECTIONS, where the server counts them (server.py). The
-        connection is closed after it, so that it no longer counts."""
-        open_connections = getattr(scope["app"].state, "open_connections", None)
-        if open_connections is None or (count := open_connections()) <= self.max_connections:
+        """503 for a request on a connection that opened beyond VAE_MAX_CONNECTIONS (the server's protocol marks it:
+        service/http_protocol.py). The connection is closed after it, so that it no longer counts."""
+        count = scope.get("state", {}).get(OVER_LIMIT)
+        if not count:
             return None
         detail = (
-            f"the server has {count} connections open and serves at most {self.max_connections} (VAE_MAX_CONNECTIONS): "
-            "retry on a new connection, or send more requests on fewer connections"
+            f"the server had {count} connections open when this one opened, and serves at most {self.max_connections} "
+            "(VAE_MAX_CONNECTIONS): retry on a new connection, or send more requests on fewer connections"
         )
         return _error(503, detail, headers={"connection": "close", "retry-after": "1"})
 

@@ -16,6 +16,11 @@ the server's connections or its memory.
   headers sent in 0.4 s took 195 MB of the server's memory. A head (request line and headers) over MAX_HEAD_BYTES gets
   431 and its connection is closed, as soon as the parser has read that much.
 
+- **Connections beyond VAE_MAX_CONNECTIONS.** A connection opened while the server already has that many is marked, and
+  its requests get 503 from the app (`app.LimitsAndAccessLog`, which logs and counts them) and close it. The
+  connections opened before it are served as ever: a flood of new connections does not take the server from the
+  clients it serves. (uvicorn's own limit answered every request with 503 while the count was over.)
+
 The server's sweep (`server.DrainingServer.on_tick`) checks every connection for the first two about once a second.
 """
 
@@ -38,6 +43,7 @@ _REQUEST_TIMEOUT = (
     b"content-length: %d\r\n\r\n%s"
 )
 TIMED_OUT = "vae_serve.read_timed_out"  # set in the request's scope["state"] when its connection is closed for it
+OVER_LIMIT = "vae_serve.connections_open"  # in the scope["state"] of a request on a connection beyond the limit
 
 
 class _HeadTooLarge(Exception):
@@ -46,9 +52,11 @@ class _HeadTooLarge(Exception):
 
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, noting when the request being read began, the size of its head and when it was in,
-    and how many bytes of its body have come. tests/service/test_http_protocol.py holds uvicorn to the callbacks it
-    relies on."""
+    how many bytes of its body have come, and whether it opened beyond the limit. tests/service/test_http_protocol.py
+    holds uvicorn to the callbacks it relies on. `guarded_protocol` makes one for a server's limits."""
 
+    max_connections = 1000
+    opened_over_limit = 0  # the open connections when this one opened, where that was over max_connections; else 0
     reading_since: float | None = None  # loop time; None while no request is being read
     head_at: float | None = None
     head_bytes = 0
@@ -60,6 +68,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.reading_since = self.loop.time()  # its first request is due from now
+        if len(self.connections) > self.max_connections:  # this one included
+            self.opened_over_limit = len(self.connections)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -92,6 +102,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         self.head_at = self.loop.time()
+        if self.opened_over_limit:
+            self.scope.setdefault("state", {})[OVER_LIMIT] = self.opened_over_limit  # the request's scope
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
@@ -135,3 +147,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             ).encode()
             self.transport.write(_REQUEST_TIMEOUT % (len(message), message))
         self.transport.close()
+
+
+def guarded_protocol(max_connections: int) -> type[GuardedHttpProtocol]:
+    """The protocol class for a server that serves at most `max_connections` connections at once."""
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"max_connections": max_connections})

@@ -11,7 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.app import log_format
-from service.http_protocol import GuardedHttpProtocol
+from service.http_protocol import GuardedHttpProtocol, guarded_protocol
 from service.log_writer import BulkWriter
 from service.settings import Settings
 
@@ -47,9 +47,11 @@ def config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         # No limit_concurrency: uvicorn counts its request tasks against it too, and a task answered stays in that count
         # until the next pass of the event loop. A batch answers many requests in one pass and their clients send again
         # at once, so 990 connections with a limit of 1,000 got thousands of 503s, answered by uvicorn, past the access
-        # log and the metrics. VAE_MAX_CONNECTIONS counts open connections alone, in app.LimitsAndAccessLog.
+        # log and the metrics. VAE_MAX_CONNECTIONS counts open connections alone, as each opens (the protocol below),
+        # and app.LimitsAndAccessLog answers the requests of those beyond it.
         workers=1,  # several processes: VAE_WORKERS (service/workers.py), not uvicorn's
-        http=GuardedHttpProtocol,  # VAE_READ_TIMEOUT_S and a limit on request heads (service/http_protocol.py)
+        # VAE_MAX_CONNECTIONS, VAE_READ_TIMEOUT_S and a limit on request heads (service/http_protocol.py)
+        http=guarded_protocol(settings.max_connections),
     )
 
 
@@ -61,16 +63,14 @@ IDLE_AFTER_S = 0.005
 
 class DrainingServer(uvicorn.Server):
     """On SIGTERM/SIGINT, turn /readyz to 503 at once, then let uvicorn stop accepting and drain. Tells the app how many
-    client connections are open (`open_connections`, for VAE_MAX_CONNECTIONS) and how many of them are active
-    (`active_connections`, for the batchers' waits for company)."""
+    client connections are active (`active_connections`, for the batchers' waits for company)."""
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
-        config.app.state.open_connections = self.open_connections  # type: ignore[union-attr]
         config.app.state.active_connections = self.active_connections  # type: ignore[union-attr]
 
     def open_connections(self) -> int:
-        """Client connections open, this request's own included."""
+        """Client connections open."""
         return len(self.server_state.connections)
 
     async def on_tick(self, counter: int) -> bool:

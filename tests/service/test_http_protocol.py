@@ -152,6 +152,37 @@ async def test_a_request_head_over_the_limit_gets_431_before_the_rest_is_read(se
     assert answer.startswith(b"HTTP/1.1 200 ")
 
 
+async def test_connections_beyond_the_limit_get_503_and_those_before_them_are_still_served(tiny_models: Path) -> None:
+    settings = Settings(model_dir=tiny_models, port=0, max_connections=2)
+    served = DrainingServer(config(create_app(settings, wait_for_models=True), settings))
+    serving = asyncio.create_task(served.serve())
+    while not served.started:
+        await asyncio.sleep(0.01)
+    port = served.servers[0].sockets[0].getsockname()[1]
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]  # kept alive
+
+    async def status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+        await reader.readexactly(length)
+        return head.split(b" ")[1]
+
+    try:
+        assert [await status(*connection) for connection in held] == [b"200", b"200"]
+        flood = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        await asyncio.sleep(0.05)  # the server has them all: 5 open
+        assert [await status(*connection) for connection in held] == [b"200", b"200"]  # not taken from them
+        assert [await status(*connection) for connection in flood] == [b"503"] * 3
+        for _, writer in flood:
+            writer.close()
+    finally:
+        for _, writer in held:
+            writer.close()
+        served.should_exit = True
+        await serving
+
+
 def test_the_server_reads_requests_with_the_guarded_protocol() -> None:
     loaded = config(create_app(Settings()), Settings())
     loaded.load()

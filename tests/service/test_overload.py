@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from service import imaging
+from service.http_protocol import OVER_LIMIT
 from service.settings import Settings
 from tests.conftest import png, serve
 from tests.service.tools import peak_memory_growth, post_scope, serve_with_hook
@@ -151,16 +152,25 @@ async def test_a_full_encode_queue_refuses_uploads_before_decoding_them(
 
 
 async def test_a_request_on_a_connection_beyond_the_limit_gets_503_closes_it_and_is_counted(settings: Settings) -> None:
+    answers: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b'{"model": "faces"}', "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        answers.append(message)
+
     async with serve(settings.model_copy(update={"max_connections": 2})) as client:
-        app = client.app  # type: ignore[attr-defined]
-        app.state.open_connections = lambda: 3  # as server.DrainingServer counts them
-        refused = await client.post("/sample", json={"model": "faces"})
-        app.state.open_connections = lambda: 2
+        scope = post_scope("/sample", "application/json", 18)
+        scope["state"] = {OVER_LIMIT: 3}  # as the server's protocol marks a connection that opened third
+        await client.app(scope, receive, send)  # type: ignore[attr-defined]
         served = await client.post("/sample", json={"model": "faces"})
         metrics = (await client.get("/metrics")).text
-    assert refused.status_code == 503
-    assert "3 connections open and serves at most 2 (VAE_MAX_CONNECTIONS)" in refused.json()["detail"]
-    assert refused.headers["connection"] == "close" and refused.headers["retry-after"] == "1"
+    head, body = answers
+    assert head["status"] == 503
+    assert (b"connection", b"close") in head["headers"] and (b"retry-after", b"1") in head["headers"]  # type: ignore[operator]
+    detail = json.loads(body["body"])["detail"]  # type: ignore[arg-type]
+    assert "3 connections open when this one opened, and serves at most 2 (VAE_MAX_CONNECTIONS)" in detail
     assert served.status_code == 200
     assert 'vae_failures_total{reason="rejected"} 1.0' in metrics
     assert 'vae_requests_total{endpoint="unmatched",model="",status="503"} 1.0' in metrics
