@@ -275,8 +275,8 @@ def markdown(results: dict[str, Any]) -> str:
         + (f", service settings {' '.join(o['env'])}" if o["env"] else "") + ".",
         f"- Models in {o.get('precision', 'auto')} precision"
         + (", with CUDA graphs" if o.get("cuda_graphs", "on") == "on" and m["device"].startswith("cuda") else "") + ".",
-        f"- Load average at the start {m['load_average_start'][0]:.2f}; other processes used up to {busiest:.2f} "
-        "CPUs during a measurement (`other CPU`)"
+        f"- Load average at the start {m['load_average_start'][0]:.2f}; other processes (and the hypervisor, taking the "
+        f"VM's CPUs: steal) used up to {busiest:.2f} CPUs during a measurement (`other CPU`)"
         + (": **the machine was not quiet; rerun before comparing or judging a target**." if busiest > QUIET_OTHER_CPU
            else "."),
     ]
