@@ -69,10 +69,6 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         config.app.state.active_connections = self.active_connections  # type: ignore[union-attr]
 
-    def open_connections(self) -> int:
-        """Client connections open."""
-        return len(self.server_state.connections)
-
     async def on_tick(self, counter: int) -> bool:
         """uvicorn's tick (every 0.1 s), and about once a second (more often for a timeout under 4 s) a sweep that closes
         connections whose request did not come, or whose answer was not read, in time (service/http_protocol.py)."""

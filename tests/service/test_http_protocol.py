@@ -24,11 +24,10 @@ from service.settings import Settings
 TIMEOUT_S = 0.3
 
 
-@pytest.fixture
-async def server(tiny_models: Path) -> AsyncIterator[tuple[int, DrainingServer]]:
-    settings = Settings(model_dir=tiny_models, port=0, read_timeout_s=TIMEOUT_S)
-    app = create_app(settings, wait_for_models=True)
-    served = DrainingServer(config(app, settings))
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[tuple[int, DrainingServer]]:
+    """The server as `python -m service` runs it, in this event loop: (its port, the server)."""
+    served = DrainingServer(config(create_app(settings, wait_for_models=True), settings))
     serving = asyncio.create_task(served.serve())
     while not served.started:
         await asyncio.sleep(0.01)
@@ -37,6 +36,21 @@ async def server(tiny_models: Path) -> AsyncIterator[tuple[int, DrainingServer]]
     finally:
         served.should_exit = True
         await serving
+
+
+@pytest.fixture
+async def server(tiny_models: Path) -> AsyncIterator[tuple[int, DrainingServer]]:
+    async with running(Settings(model_dir=tiny_models, port=0, read_timeout_s=TIMEOUT_S)) as started:
+        yield started
+
+
+async def healthz_status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """GET /healthz on a kept-alive connection; the answer's status code, its body read."""
+    writer.write(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    await reader.readexactly(length)
+    return head.split(b" ")[1]
 
 
 async def exchange(port: int, *chunks: bytes, gap_s: float = 0.0) -> tuple[bytes, float]:
@@ -111,11 +125,7 @@ async def test_connections_that_send_their_requests_in_time_are_kept(server: tup
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         for _ in range(3):  # keep-alive requests, each sent at once but after longer than the timeout in all
-            writer.write(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n")
-            head = await reader.readuntil(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200 ")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-            await reader.readexactly(length)
+            assert await healthz_status(reader, writer) == b"200"
             await asyncio.sleep(TIMEOUT_S * 0.6)
     finally:
         writer.close()
@@ -137,7 +147,7 @@ async def test_an_answer_the_client_does_not_read_is_dropped_with_its_connection
             await asyncio.sleep(0.05)  # the client reads nothing
         assert metrics.connections_timed_out._value.get() == 1
         await asyncio.sleep(0.1)
-        assert served.open_connections() == 0  # aborted: its buffer is gone, not waiting to be flushed
+        assert not served.server_state.connections  # aborted: its buffer is gone, not waiting to be flushed
     finally:
         client.close()
 
@@ -153,34 +163,19 @@ async def test_a_request_head_over_the_limit_gets_431_before_the_rest_is_read(se
 
 
 async def test_connections_beyond_the_limit_get_503_and_those_before_them_are_still_served(tiny_models: Path) -> None:
-    settings = Settings(model_dir=tiny_models, port=0, max_connections=2)
-    served = DrainingServer(config(create_app(settings, wait_for_models=True), settings))
-    serving = asyncio.create_task(served.serve())
-    while not served.started:
-        await asyncio.sleep(0.01)
-    port = served.servers[0].sockets[0].getsockname()[1]
-    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]  # kept alive
-
-    async def status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
-        writer.write(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n")
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-        await reader.readexactly(length)
-        return head.split(b" ")[1]
-
-    try:
-        assert [await status(*connection) for connection in held] == [b"200", b"200"]
-        flood = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-        await asyncio.sleep(0.05)  # the server has them all: 5 open
-        assert [await status(*connection) for connection in held] == [b"200", b"200"]  # not taken from them
-        assert [await status(*connection) for connection in flood] == [b"503"] * 3
-        for _, writer in flood:
-            writer.close()
-    finally:
-        for _, writer in held:
-            writer.close()
-        served.should_exit = True
-        await serving
+    async with running(Settings(model_dir=tiny_models, port=0, max_connections=2)) as (port, _):
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]  # kept alive
+        try:
+            assert [await healthz_status(*connection) for connection in held] == [b"200", b"200"]
+            flood = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+            await asyncio.sleep(0.05)  # the server has them all: 5 open
+            assert [await healthz_status(*connection) for connection in held] == [b"200", b"200"]  # not taken from them
+            assert [await healthz_status(*connection) for connection in flood] == [b"503"] * 3
+            for _, writer in flood:
+                writer.close()
+        finally:
+            for _, writer in held:
+                writer.close()
 
 
 def test_the_server_reads_requests_with_the_guarded_protocol() -> None:
