@@ -56,6 +56,19 @@ class _BodiesOverBudget(HTTPException):
         )
 
 
+class _ConnectionOverLimit(HTTPException):
+    """A request on a connection that opened beyond VAE_MAX_CONNECTIONS (the server's protocol marks it in the scope:
+    service/http_protocol.py). The connection is closed after the answer, so that it no longer counts."""
+
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(
+            503,
+            f"the server had {count} connections open when this one opened, and serves at most {limit} "
+            "(VAE_MAX_CONNECTIONS): retry on a new connection, or send more requests on fewer connections",
+            headers={"Retry-After": "1", "Connection": "close"},
+        )
+
+
 class LimitsAndAccessLog:
     """Pure ASGI middleware: 503 on a connection beyond `max_connections`, 413 before an oversized body is read, 503 for a
     body that would take the bodies held at once over `max_bodies_bytes`, one log line and metrics per request.
@@ -115,9 +128,8 @@ class LimitsAndAccessLog:
         if runtime is not None:
             runtime.active += 1  # a drain waits for requests in progress: their PNGs need the image threads
         try:
-            if (refusal := self._over_connection_limit(scope)) is not None:
-                await refusal(scope, receive, send_wrapper)
-                return
+            if over_limit := scope.get("state", {}).get(OVER_LIMIT):
+                raise _ConnectionOverLimit(over_limit, self.max_connections)
             if declared > self.max_body_bytes:
                 raise _BodyTooLarge(self.max_body_bytes)
             if declared and self.bodies_bytes + declared > self.max_bodies_bytes:
@@ -125,7 +137,7 @@ class LimitsAndAccessLog:
             self.bodies_bytes += declared
             counted = declared
             await self.app(scope, receive_wrapper, send_wrapper)
-        except (_BodyTooLarge, _BodiesOverBudget) as exc:
+        except (_ConnectionOverLimit, _BodyTooLarge, _BodiesOverBudget) as exc:
             if response_started:
                 raise
             await _error(exc.status_code, exc.detail, dict(exc.headers or {}))(scope, receive, send_wrapper)
@@ -137,18 +149,6 @@ class LimitsAndAccessLog:
             if runtime is not None:
                 runtime.active -= 1
             self._observe(scope, status, time.perf_counter() - started)
-
-    def _over_connection_limit(self, scope: Scope) -> JSONResponse | None:
-        """503 for a request on a connection that opened beyond VAE_MAX_CONNECTIONS (the server's protocol marks it:
-        service/http_protocol.py). The connection is closed after it, so that it no longer counts."""
-        count = scope.get("state", {}).get(OVER_LIMIT)
-        if not count:
-            return None
-        detail = (
-            f"the server had {count} connections open when this one opened, and serves at most {self.max_connections} "
-            "(VAE_MAX_CONNECTIONS): retry on a new connection, or send more requests on fewer connections"
-        )
-        return _error(503, detail, headers={"connection": "close", "retry-after": "1"})
 
     def _observe(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")
