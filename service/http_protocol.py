@@ -15,33 +15,36 @@ the server's connections or its memory.
 - **Heads too large.** httptools sets no limit on a request's head (uvicorn's h11 protocol does: 16 KiB): 200 MB of
   headers sent in 0.4 s took 195 MB of the server's memory. A head (request line and headers) over MAX_HEAD_BYTES gets
   431 and its connection is closed, as soon as the parser has read that much.
+- **Requests that are not HTTP.** What httptools cannot parse gets 400 with the parser's reason, and is closed.
 
 - **Connections beyond VAE_MAX_CONNECTIONS.** A connection opened while the server already has that many is marked, and
   its requests get 503 from the app (`app.LimitsAndAccessLog`, which logs and counts them) and close it. The
   connections opened before it are served as ever: a flood of new connections does not take the server from the
   clients it serves. (uvicorn's own limit answered every request with 503 while the count was over.)
 
-The server's sweep (`server.DrainingServer.on_tick`) checks every connection for the first two about once a second.
+The answers given here (400, 408, 431) are JSON `{"detail": ...}` as the app's are, and are logged and counted as the
+app's are (the access line; `vae_requests_total` with the endpoint "unparsed", `vae_failures_total`): uvicorn answered
+its 400 in plain text, seen only in a warning. `sweep`, from the server's tick, checks every connection for the first two
+about once a second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import sys
+from collections.abc import Iterable
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from service.metrics import Metrics
+from service.settings import Settings
 
 MIN_BODY_BYTES_PER_S = 1024
 MAX_HEAD_BYTES = 64 * 1024  # nginx reads up to 32 KiB of headers by default, Apache about 800 KiB, uvicorn's h11 16 KiB
-_HEAD_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
-    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
-)
-# What a request that took too long is answered, where nothing else is being written on its connection. The request's
-# own answer, if its app is still reading it, is logged as 408 too (app.LimitsAndAccessLog reads TIMED_OUT).
-_REQUEST_TIMEOUT = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
-    b"content-length: %d\r\n\r\n%s"
-)
+UNPARSED = "unparsed"  # the endpoint label of what is answered here: no route was matched
+access_log = logging.getLogger("vae_serve.access")  # app.LimitsAndAccessLog's
 TIMED_OUT = "vae_serve.read_timed_out"  # set in the request's scope["state"] when its connection is closed for it
 OVER_LIMIT = "vae_serve.connections_open"  # in the scope["state"] of a request on a connection beyond the limit
 
@@ -56,6 +59,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     holds uvicorn to the callbacks it relies on. `guarded_protocol` makes one for a server's limits."""
 
     max_connections = 1000
+    read_timeout_s = 10.0
+    metrics: Metrics | None = None
     opened_over_limit = 0  # the open connections when this one opened, where that was over max_connections; else 0
     reading_since: float | None = None  # loop time; None while no request is being read
     head_at: float | None = None
@@ -92,11 +97,34 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             raise _HeadTooLarge  # stops the parser; uvicorn then answers 400 (send_400_response) and closes
 
     def send_400_response(self, msg: str) -> None:
-        if not self.head_too_large:
-            super().send_400_response(msg)
+        """What httptools could not parse (uvicorn calls this in its handler of the parser's error), or a head over the
+        limit: answered and closed."""
+        if self.head_too_large:
+            self.close_with(431, f"the request's head (its line and headers) is over {MAX_HEAD_BYTES} bytes")
             return
-        message = f"the request's head (its line and headers) is over {MAX_HEAD_BYTES} bytes".encode()
-        self.transport.write(_HEAD_TOO_LARGE % (len(message), message))
+        reason = sys.exc_info()[1]  # httptools' own, e.g. "Invalid header token"
+        self.close_with(400, f"the request is not valid HTTP/1.1: {reason or msg}")
+
+    def close_with(self, status: int, detail: str) -> None:
+        """Answer a request the app never saw, log and count it as the app does its answers, and close."""
+        self.answer_and_close(status, detail)
+        if self.metrics is not None:
+            self.metrics.requests.labels(UNPARSED, "", str(status)).inc()
+            self.metrics.failures.labels("invalid").inc()
+        method = (self.scope or {}).get("method", "")  # what of the head was parsed: its method once all of it was
+        path = getattr(self, "url", b"")[:200].decode("latin-1")
+        access_log.info(
+            "request", extra={"method": method, "path": path, "model": "", "status": status, "duration_ms": 0.0}
+        )
+
+    def answer_and_close(self, status: int, detail: str) -> None:
+        """`status` with `detail` as JSON, as the app answers its errors, and the connection closed after it."""
+        body = json.dumps({"detail": detail}).encode()
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head.extend([name, b": ", value, b"\r\n"])
+        head.append(b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body))
+        self.transport.write(b"".join(head) + body)
         self.transport.close()
 
     def on_headers_complete(self) -> None:
@@ -113,17 +141,33 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self.reading_since = None
 
-    def overdue(self, now: float, timeout_s: float) -> bool:
+    @classmethod
+    def sweep(cls, connections: Iterable[object], now: float) -> None:
+        """Close the connections whose request did not come, or whose answer was not read, in time."""
+        closed = 0
+        for connection in list(connections):
+            if not isinstance(connection, GuardedHttpProtocol):
+                continue
+            if connection.answer_unread(now):
+                connection.transport.abort()  # close() would wait for the client to read it first
+                closed += 1
+            elif connection.overdue(now):
+                connection.time_out()
+                closed += 1
+        if closed and cls.metrics is not None:
+            cls.metrics.connections_timed_out.inc(closed)
+
+    def overdue(self, now: float) -> bool:
         """Whether the request being read (if any) is late by the rule above."""
         if self.reading_since is None or self.transport.is_closing():
             return False
         if self.head_at is None:
-            return now > self.reading_since + timeout_s
-        return now > self.head_at + timeout_s + self.body_bytes / MIN_BODY_BYTES_PER_S
+            return now > self.reading_since + self.read_timeout_s
+        return now > self.head_at + self.read_timeout_s + self.body_bytes / MIN_BODY_BYTES_PER_S
 
-    def answer_unread(self, now: float, timeout_s: float) -> bool:
+    def answer_unread(self, now: float) -> bool:
         """Whether the answer in the write buffer (what the kernel's socket buffer could not take) has not been read
-        from for `timeout_s`: the buffer has not shrunk since."""
+        from for `read_timeout_s`: the buffer has not shrunk since."""
         size = self.transport.get_write_buffer_size()
         if size == 0:
             self.unread_since = None
@@ -132,23 +176,26 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.unread_since, self.unread_bytes = now, size
             return False
         self.unread_bytes = size
-        return now > self.unread_since + timeout_s
+        return now > self.unread_since + self.read_timeout_s
 
-    def time_out(self, timeout_s: float) -> None:
+    def time_out(self) -> None:
         """Answer 408 unless an answer is already on its way, and close the connection."""
         cycle = self.cycle
         answering = cycle is not None and not cycle.response_complete
         if self.head_at is not None and answering:
             cycle.scope.setdefault("state", {})[TIMED_OUT] = True  # type: ignore[union-attr]  # its app reads the body
         if (answering and not cycle.response_started) or (self.head_at is None and not answering):  # type: ignore[union-attr]
-            message = (
-                f"the request did not come in time: its head is due within {timeout_s:g} s, its body within "
-                f"{timeout_s:g} s more and 1 s per {MIN_BODY_BYTES_PER_S} bytes (VAE_READ_TIMEOUT_S)"
-            ).encode()
-            self.transport.write(_REQUEST_TIMEOUT % (len(message), message))
-        self.transport.close()
+            self.answer_and_close(408, (
+                f"the request did not come in time: its head is due within {self.read_timeout_s:g} s, its body within "
+                f"{self.read_timeout_s:g} s more and 1 s per {MIN_BODY_BYTES_PER_S} bytes (VAE_READ_TIMEOUT_S)"
+            ))
+        else:
+            self.transport.close()
 
 
-def guarded_protocol(max_connections: int) -> type[GuardedHttpProtocol]:
-    """The protocol class for a server that serves at most `max_connections` connections at once."""
-    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"max_connections": max_connections})
+def guarded_protocol(settings: Settings, metrics: Metrics) -> type[GuardedHttpProtocol]:
+    """The protocol class for a server with these limits (VAE_MAX_CONNECTIONS, VAE_READ_TIMEOUT_S), counting in
+    `metrics`."""
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {
+        "max_connections": settings.max_connections, "read_timeout_s": settings.read_timeout_s, "metrics": metrics,
+    })

@@ -51,7 +51,7 @@ def config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         # and app.LimitsAndAccessLog answers the requests of those beyond it.
         workers=1,  # several processes: VAE_WORKERS (service/workers.py), not uvicorn's
         # VAE_MAX_CONNECTIONS, VAE_READ_TIMEOUT_S and a limit on request heads (service/http_protocol.py)
-        http=guarded_protocol(settings.max_connections),
+        http=guarded_protocol(settings, app.state.metrics),
     )
 
 
@@ -70,23 +70,11 @@ class DrainingServer(uvicorn.Server):
         config.app.state.active_connections = self.active_connections  # type: ignore[union-attr]
 
     async def on_tick(self, counter: int) -> bool:
-        """uvicorn's tick (every 0.1 s), and about once a second (more often for a timeout under 4 s) a sweep that closes
-        connections whose request did not come, or whose answer was not read, in time (service/http_protocol.py)."""
-        state = self.config.app.state  # type: ignore[union-attr]
-        timeout_s = state.settings.read_timeout_s
-        if counter % max(1, min(10, int(timeout_s * 10 / 4))) == 0:
-            now, closed = asyncio.get_running_loop().time(), 0
-            for connection in list(self.server_state.connections):
-                if not isinstance(connection, GuardedHttpProtocol):
-                    continue
-                if connection.answer_unread(now, timeout_s):
-                    connection.transport.abort()  # close() would wait for the client to read it first
-                    closed += 1
-                elif connection.overdue(now, timeout_s):
-                    connection.time_out(timeout_s)
-                    closed += 1
-            if closed:
-                state.metrics.connections_timed_out.inc(closed)
+        """uvicorn's tick (every 0.1 s), and about once a second (more often for a timeout under 4 s) the protocol's
+        sweep of connections whose request did not come, or whose answer was not read, in time."""
+        protocol = self.config.http_protocol_class
+        if issubclass(protocol, GuardedHttpProtocol) and counter % max(1, min(10, int(protocol.read_timeout_s * 2.5))) == 0:
+            protocol.sweep(self.server_state.connections, asyncio.get_running_loop().time())
         return await super().on_tick(counter)
 
     def active_connections(self) -> int:

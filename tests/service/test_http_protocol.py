@@ -77,6 +77,13 @@ async def exchange(port: int, *chunks: bytes, gap_s: float = 0.0) -> tuple[bytes
     return bytes(answer), loop.time() - started
 
 
+def detail(answer: bytes) -> str:
+    """The detail of an error answered as the app answers its errors: JSON {"detail": ...}."""
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert b"content-type: application/json" in head
+    return str(json.loads(body)["detail"])
+
+
 def sample_request(body: bytes) -> bytes:
     return (
         b"POST /sample HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -98,8 +105,8 @@ async def test_a_request_that_does_not_come_in_time_gets_408_and_its_connection_
 ) -> None:
     port, served = server
     answer, seconds = await exchange(port, *chunks)
-    assert answer.startswith(b"HTTP/1.1 408 ")
-    assert b"VAE_READ_TIMEOUT_S" in answer and b"connection: close" in answer
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer
+    assert "VAE_READ_TIMEOUT_S" in detail(answer)
     assert TIMEOUT_S <= seconds < TIMEOUT_S + 1
     metrics = served.config.app.state.metrics  # type: ignore[union-attr]
     assert metrics.connections_timed_out._value.get() == 1
@@ -156,10 +163,33 @@ async def test_a_request_head_over_the_limit_gets_431_before_the_rest_is_read(se
     port, _ = server
     padding = b"x-padding: " + b"a" * 1000 + b"\r\n"
     answer, _ = await exchange(port, b"POST /sample HTTP/1.1\r\nhost: test\r\n", *[padding * 100] * 20)  # 2 MB
-    assert answer.startswith(b"HTTP/1.1 431 ") and f"over {MAX_HEAD_BYTES} bytes".encode() in answer
+    assert answer.startswith(b"HTTP/1.1 431 ") and f"over {MAX_HEAD_BYTES} bytes" in detail(answer)
     headers = b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 100) for i in range(100))  # 10 KB of headers: served
     answer, _ = await exchange(port, b"GET /healthz HTTP/1.1\r\nhost: test\r\nconnection: close\r\n" + headers + b"\r\n")
     assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "reason"),
+    [
+        (b"GARBAGE\r\n\r\n", "Invalid method"),
+        (b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n", "Invalid header"),
+        (b"POST /sample HTTP/1.1\r\nhost: test\r\ncontent-length: ten\r\n\r\n", "Content-Length"),
+    ],
+    ids=["method", "header", "content-length"],
+)
+async def test_what_is_not_http_gets_400_that_says_why_and_is_logged_and_counted(
+    server: tuple[int, DrainingServer], caplog: pytest.LogCaptureFixture, request_bytes: bytes, reason: str
+) -> None:
+    port, served = server
+    with caplog.at_level(logging.INFO):
+        answer, _ = await exchange(port, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"connection: close" in answer
+    assert "not valid HTTP/1.1" in detail(answer) and reason in detail(answer)
+    assert [record.status for record in caplog.records if record.name == "vae_serve.access"] == [400]  # type: ignore[attr-defined]
+    metrics = served.config.app.state.metrics  # type: ignore[union-attr]
+    assert metrics.requests.labels("unparsed", "", "400")._value.get() == 1
+    assert metrics.failures.labels("invalid")._value.get() == 1
 
 
 async def test_connections_beyond_the_limit_get_503_and_those_before_them_are_still_served(tiny_models: Path) -> None:
