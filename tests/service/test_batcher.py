@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from service import batcher
 from service.batcher import Batcher, BatchFailed, DeadlineExceeded, NotServing, QueueFull
 from service.lanes import Lanes
 from service.metrics import Metrics
@@ -450,6 +451,17 @@ async def test_outputs_are_finished_once_per_batch_on_the_model_thread_after_the
         await b.submit(torch.full((2, 1), float("nan")), timeout_s=5)
     assert len(finished) == 1
     await b.stop()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_non_finite_value_anywhere_in_any_output_fails_its_batch(bad: float, dtype: torch.dtype) -> None:
+    ok = torch.ones(4, 3, dtype=dtype)
+    spoiled = ok.clone()
+    spoiled[3, 2] = bad
+    assert batcher.compute("m", lambda x: (ok, ok), batcher.as_float32, ok)[0].dtype == torch.float32
+    with pytest.raises(batcher.InvalidOutput, match="non-finite"):
+        batcher.compute("m", lambda x: (ok, spoiled), batcher.as_float32, ok)
 
 
 async def test_after_stop_requests_are_refused_and_queued_ones_answered() -> None:
