@@ -22,7 +22,6 @@ import base64
 import contextlib
 import functools
 import logging
-import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from isal import isal_zlib
 from torch import Tensor
 
 from service import cpus, graphs, imaging, malloc
@@ -316,7 +316,7 @@ class Runtime:
 
         shape, rows = await run(filtered_rows)
         chunks = np.array_split(rows, min(IMAGE_THREADS, rows.nbytes // PNG_PART_BYTES))
-        adler = run(zlib.adler32, rows.data)
+        adler = run(isal_zlib.adler32, rows.data)  # 5x zlib's speed
         parts = await asyncio.gather(*(run(imaging.deflate_rows, c, i == len(chunks) - 1) for i, c in enumerate(chunks)))
         return await run(imaging.png_from_parts, shape, parts, await adler)
 
