@@ -108,7 +108,9 @@ class ImageError(ValueError):
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def open_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """Uploaded bytes -> a Pillow image of its header alone: the pixels are decoded later, and only where there are at
+    most `max_pixels` of them."""
     if not data:
         raise ImageError("the image is empty")
     try:
@@ -195,16 +197,21 @@ def _pixels(image: Image.Image) -> np.ndarray:
 
 
 def prepare_upload(
-    data: bytes, shape: tuple[int, int, int], *, max_pixels: int, invert: bool | None = None, digit: bool = False
+    data: bytes | Image.Image,
+    shape: tuple[int, int, int],
+    *,
+    max_pixels: int,
+    invert: bool | None = None,
+    digit: bool = False,
 ) -> np.ndarray:
-    """Uploaded bytes -> float32 (C, H, W) in [0, 1] for a model of `shape`.
+    """Uploaded bytes, or what `open_upload` made of them -> float32 (C, H, W) in [0, 1] for a model of `shape`.
 
     EXIF rotation is applied and only the first frame of an animation is used. `invert` None means
     auto: for single-channel models, a light background (a photo of ink on paper) is inverted to the
     light-on-dark that MNIST-like models saw. `digit` applies MNIST's size-and-centre normalisation.
     """
     channels, height, width = shape
-    image = _open(data, max_pixels)
+    image = data if isinstance(data, Image.Image) else open_upload(data, max_pixels)
     try:
         image.seek(0)
         image.draft("RGB" if channels == 3 else "L", (width * 2, height * 2))  # JPEG: decode at reduced size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import threading
 import time
 
 import httpx
@@ -126,7 +127,7 @@ async def test_a_one_image_request_is_not_held_behind_the_uploads_of_a_many_imag
 
     async def encode(images: int) -> float:
         started = time.perf_counter()
-        files = [("image", (f"{i}.png", png(), "image/png")) for i in range(images)]
+        files = [("image", (f"{i}.png", png(size=(80, 80)), "image/png")) for i in range(images)]  # not small
         r = await client.post("/encode", data={"model": "faces"}, files=files)
         assert r.status_code == 200
         return time.perf_counter() - started
@@ -135,3 +136,30 @@ async def test_a_one_image_request_is_not_held_behind_the_uploads_of_a_many_imag
     await asyncio.sleep(0.05)
     one = await encode(1)
     assert one < 0.4 and one < await many / 2  # it took a turn among them, not the end of their queue
+
+
+async def test_a_request_of_one_small_upload_prepares_it_on_the_event_loop_and_others_go_to_the_image_threads(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, on_loop = service.imaging.prepare_upload, []
+
+    def recording(data: object, *args: object, **kwargs: object) -> np.ndarray:
+        on_loop.append(threading.current_thread() is loop_thread)
+        return real(data, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service.imaging, "prepare_upload", recording)
+    loop_thread = threading.current_thread()  # the test's event loop is the app's
+    uploads = {
+        "a digit": [png(size=(28, 28))],
+        "a larger image": [png(size=(80, 80))],
+        "a small file of many pixels": [png(np.zeros((2000, 2000), np.uint8))],  # 4 KB that decode to 4 megapixels
+        "two digits": [png(size=(28, 28))] * 2,
+    }
+    answers = {}
+    for name, files in uploads.items():
+        r = await client.post("/encode", data={"model": "mnist"}, files=[("image", ("x.png", f, "image/png")) for f in files])
+        assert r.status_code == 200, name
+        answers[name] = r.json()["mu"]
+    assert on_loop == [True, False, False, False, False]
+    both = np.array(answers["two digits"])  # the same rows either way, to float rounding (a batch of 2, not 1)
+    assert np.allclose(both, np.array(answers["a digit"] * 2), atol=1e-5)
