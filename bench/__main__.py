@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... for the ceiling and the service (VAE_DEVICE)")
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="the models' dtype for the ceiling and the service (VAE_PRECISION; default auto)")
+    p.add_argument("--png-compression", default="fast", choices=("fast", "none"),
+                   help="the PNGs' deflate in the ceiling and the service (VAE_PNG_COMPRESSION; default fast)")
     p.add_argument("--cuda-graphs", default="on", choices=("on", "off"),
                    help="on a GPU, replay batches from CUDA graphs, in the ceiling and the service (VAE_CUDA_GRAPHS)")
     p.add_argument("--duration", type=float, default=6.0, help="seconds per wrk run (default 6)")
@@ -120,7 +122,7 @@ def measure_service(args: argparse.Namespace, models: list[str], workloads: dict
     target compares with is measured again just before and just after its scenario: a shared machine drifts. With
     --repeat N the server is then started N-1 more times, to time its start-up alone."""
     env = {"VAE_TORCH_THREADS": str(threads_setting), "VAE_DEVICE": args.device, "VAE_PRECISION": args.precision,
-           "VAE_CUDA_GRAPHS": "true" if args.cuda_graphs == "on" else "false"}
+           "VAE_CUDA_GRAPHS": "true" if args.cuda_graphs == "on" else "false", "VAE_PNG_COMPRESSION": args.png_compression}
     env |= args.extra_env
     uploads = {name: w.upload for name, w in workloads.items()}
     bodies = {s: load.write_body(s, uploads[s.model], workdir) for s in load.scenarios(models)}
@@ -238,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "precision": args.precision,
             "cuda_graphs": args.cuda_graphs,
+            "png_compression": args.png_compression,
             "duration_s": args.duration,
             "quick": args.quick,
             "repeat": args.repeat,
@@ -256,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     # The models as the service loads them: the same dtype, the same CUDA graphs (on a GPU).
     dtype, max_batch = pick_dtype(args.precision), Settings.model_fields["max_batch_size"].default
     sizes = graphs.batch_sizes(max_batch) if args.cuda_graphs == "on" else ()
-    workloads = {name: ceiling.Workload.load(artifact, device, dtype, sizes) for name, artifact in artifacts.items()
-                 if args.only != "baselines"}
+    png_level = None if args.png_compression == "fast" else 0  # as service.runtime.Runtime.png_level
+    workloads = {name: ceiling.Workload.load(artifact, device, dtype, sizes, png_level)
+                 for name, artifact in artifacts.items() if args.only != "baselines"}
     if args.only not in ("service", "baselines"):
         for threads_setting in args.threads:
             for name, workload in workloads.items():

@@ -84,15 +84,16 @@ class Workload:
     artifact: Artifact
     model: ServedModel
     upload: bytes
+    png_level: int | None = None  # imaging.png_bytes' level, as the service's VAE_PNG_COMPRESSION sets it
 
     @classmethod
     def load(cls, artifact: Artifact, device: torch.device, dtype: torch.dtype = torch.float32,
-             graph_sizes: tuple[int, ...] = ()) -> Workload:
+             graph_sizes: tuple[int, ...] = (), png_level: int | None = None) -> Workload:
         malloc.reuse_freed_memory()  # as the service's Runtime.load does: the ceiling runs with the same allocator
         model = load_model(artifact.directory, device, dtype, graph_sizes)
         if not model.ready:
             raise RuntimeError(f"{artifact.directory} does not load: {model.error}")
-        return cls(artifact, model, sample_upload(model.predictor("decode"), artifact.latent_dim))
+        return cls(artifact, model, sample_upload(model.predictor("decode"), artifact.latent_dim), png_level)
 
     def work(self, mode: str, batch: int) -> Callable[[], Any]:
         """One batch of `mode`: exactly what the service does for it."""
@@ -104,7 +105,7 @@ class Workload:
             return batcher.compute(artifact.directory.name, decoder, imaging.quantize, z)[0].numpy()
 
         def decode_png() -> list[bytes]:
-            return [imaging.png_bytes(tile) for tile in decode()]
+            return [imaging.png_bytes(tile, self.png_level) for tile in decode()]
 
         def upload_encode() -> tuple[torch.Tensor, ...]:
             arrays = [

@@ -274,7 +274,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Command: `{o['command']}`: {o['duration_s']:g} s per load run, models from `{o['models_dir']}`"
         + (f", service settings {' '.join(o['env'])}" if o["env"] else "") + ".",
         f"- Models in {o.get('precision', 'auto')} precision"
-        + (", with CUDA graphs" if o.get("cuda_graphs", "on") == "on" and m["device"].startswith("cuda") else "") + ".",
+        + (", with CUDA graphs" if o.get("cuda_graphs", "on") == "on" and m["device"].startswith("cuda") else "")
+        + ("; PNGs stored, not deflated (VAE_PNG_COMPRESSION=none)" if o.get("png_compression") == "none" else "") + ".",
         f"- Load average at the start {m['load_average_start'][0]:.2f}; other processes (and the hypervisor, taking the "
         f"VM's CPUs: steal) used up to {busiest:.2f} CPUs during a measurement (`other CPU`)"
         + (": **the machine was not quiet; rerun before comparing or judging a target**." if busiest > QUIET_OTHER_CPU

@@ -76,6 +76,11 @@ class Runtime:
     active: int = 0  # requests in progress, counted by the app's middleware: a drain waits for them
     spare_core: bool = False  # on the CPU with fewer torch threads than cores: a decode leaves a core to the PNG threads
 
+    @property
+    def png_level(self) -> int | None:
+        """`imaging.png_bytes`' level for VAE_PNG_COMPRESSION: None, ISA-L's fast deflate; 0, stored as they are."""
+        return None if self.settings.png_compression == "fast" else 0
+
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
         """Load and warm up every model in the repository on the model thread (slow: call it off the event loop)."""
@@ -200,7 +205,7 @@ class Runtime:
         connections the same (bench/README.md)."""
         if not self.pngs_on_batch_thread:
             return await self.grid_png(await self.decode(name, z), None)
-        (png,) = await self._decode_then(name, z, _pngs_of)
+        (png,) = await self._decode_then(name, z, functools.partial(_pngs_of, level=self.png_level))
         return png
 
     async def _decode_then(self, name: str, z: Inputs, then: Callable[[tuple[Tensor, ...]], list[bytes]]) -> list[bytes]:
@@ -232,7 +237,7 @@ class Runtime:
         at 2 connections they only made smaller batches (-12%). Parts of 16 were slower than 32."""
         decoder = self.decoders[name]
         if self.pngs_on_batch_thread:
-            return await self._decode_then(name, z, _base64_pngs_of)
+            return await self._decode_then(name, z, functools.partial(_base64_pngs_of, level=self.png_level))
         in_parts = self.spare_core and self.alone
         part_size = max(1, decoder.max_batch_size // 2) if in_parts else decoder.max_batch_size
         encoding: list[asyncio.Task[list[bytes]]] = []
@@ -298,9 +303,11 @@ class Runtime:
         loop = asyncio.get_running_loop()
         tiles = images.numpy()
         if _inline_png(self.alone, tiles, pngs=len(tiles)):
-            return _base64_pngs(tiles)
+            return _base64_pngs(tiles, self.png_level)
         chunks = np.array_split(tiles, min(len(tiles), IMAGE_THREADS))
-        parts = await asyncio.gather(*(loop.run_in_executor(self.image_threads, _base64_pngs, c) for c in chunks))
+        parts = await asyncio.gather(
+            *(loop.run_in_executor(self.image_threads, _base64_pngs, c, self.png_level) for c in chunks)
+        )
         return [png for part in parts for png in part]
 
     async def grid_png(self, images: Tensor, columns: int | None) -> bytes:
@@ -310,11 +317,12 @@ class Runtime:
         def image() -> np.ndarray:
             return tiles[0] if len(tiles) == 1 else imaging.grid(tiles, columns)
 
+        level = self.png_level
         if _inline_png(self.alone, tiles, pngs=1):
-            return imaging.png_bytes(image())
-        if tiles.nbytes >= 2 * PNG_PART_BYTES:
+            return imaging.png_bytes(image(), level)
+        if tiles.nbytes >= 2 * PNG_PART_BYTES and level is None:  # stored rows are written at memory speed: no parts
             return await self._png_in_parts(image)
-        return await asyncio.get_running_loop().run_in_executor(self.image_threads, lambda: imaging.png_bytes(image()))
+        return await asyncio.get_running_loop().run_in_executor(self.image_threads, lambda: imaging.png_bytes(image(), level))
 
     async def _png_in_parts(self, image: Callable[[], np.ndarray]) -> bytes:
         """A large PNG with its rows deflated in parts on the image threads at once, joined into one file. On one
@@ -366,15 +374,15 @@ def _inline_png(alone: bool, tiles: np.ndarray, pngs: int) -> bool:
     return pngs == 1 and tiles.nbytes <= SMALL_PNG_BYTES
 
 
-def _base64_pngs(tiles: np.ndarray) -> list[bytes]:
-    return [base64.b64encode(imaging.png_bytes(tile)) for tile in tiles]
+def _base64_pngs(tiles: np.ndarray, level: int | None) -> list[bytes]:
+    return [base64.b64encode(imaging.png_bytes(tile, level)) for tile in tiles]
 
 
-def _pngs_of(outputs: tuple[Tensor, ...]) -> list[bytes]:
+def _pngs_of(outputs: tuple[Tensor, ...], level: int | None) -> list[bytes]:
     """A decoder's uint8 images (its one output) -> PNGs: what `decode_png` has a batch's thread do."""
-    return [imaging.png_bytes(tile) for tile in outputs[0].numpy()]
+    return [imaging.png_bytes(tile, level) for tile in outputs[0].numpy()]
 
 
-def _base64_pngs_of(outputs: tuple[Tensor, ...]) -> list[bytes]:
+def _base64_pngs_of(outputs: tuple[Tensor, ...], level: int | None) -> list[bytes]:
     """A decoder's uint8 images (its one output) -> base64 PNGs: what `decode_base64_pngs` has a batch's thread do."""
-    return _base64_pngs(outputs[0].numpy())
+    return _base64_pngs(outputs[0].numpy(), level)

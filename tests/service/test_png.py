@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.imaging import deflate_rows, png_bytes, png_from_parts, png_rows
+from service.imaging import deflate_rows, png_bytes, png_from_parts, png_rows, stored_zlib
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (28, 28, 1), (7, 2, 1), (1, 1, 3), (3, 5, 3), (96, 96, 3)])
@@ -57,3 +57,19 @@ def test_rows_deflated_in_parts_join_into_one_valid_png(parts: int) -> None:
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
     if parts == 1:
         assert data == png_bytes(pixels)
+
+
+@pytest.mark.parametrize("size", [0, 1, 65535, 65536, 200_000])
+def test_stored_zlib_is_a_zlib_stream_of_the_bytes_in_blocks_of_at_most_64_kib(size: int) -> None:
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    stream = stored_zlib(data)
+    assert zlib.decompress(stream) == data  # the blocks, their lengths and the Adler-32
+    assert len(stream) == 2 + 5 * max(1, -(-size // 65535)) + size + 4  # stored: nothing compressed
+
+
+def test_level_0_stores_the_rows_and_any_decoder_reads_the_same_pixels() -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    stored = png_bytes(pixels, 0)
+    Image.open(io.BytesIO(stored)).verify()
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored))), pixels)
+    assert len(stored) > pixels.size > len(png_bytes(np.zeros_like(pixels), 0)) - 200  # every row's bytes, as they are
