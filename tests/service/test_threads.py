@@ -76,7 +76,7 @@ async def test_a_request_larger_than_a_batch_is_reassembled_in_order(
 async def test_pngs_encoded_in_parallel_come_back_in_the_order_of_their_images(shape: tuple[int, ...]) -> None:
     images = torch.stack([torch.full(shape[1:], 40 * i, dtype=torch.uint8) for i in range(shape[0])])
     with ThreadPoolExecutor(2) as pool:
-        runtime = SimpleNamespace(image_threads=pool, alone=False)  # another request in progress: the threads encode
+        runtime = SimpleNamespace(png_level=None, image_threads=pool, alone=False)  # another request in progress: the threads encode
         pngs = await Runtime.base64_pngs(runtime, images)  # type: ignore[arg-type]
     assert [int(np.asarray(decode_png(base64.b64decode(p))).max()) for p in pngs] == [0, 40, 80, 120, 160]
 
@@ -85,7 +85,7 @@ async def test_the_only_request_in_progress_encodes_its_small_images_without_the
     images = torch.stack([torch.full((96, 96, 3), 40 * i, dtype=torch.uint8) for i in range(2)])
     closed = ThreadPoolExecutor(1)
     closed.shutdown()  # a hand-off to it raises RuntimeError
-    alone = SimpleNamespace(image_threads=closed, alone=True)
+    alone = SimpleNamespace(png_level=None, image_threads=closed, alone=True)
     pngs = [base64.b64decode(p) for p in await Runtime.base64_pngs(alone, images)]  # type: ignore[arg-type]
     grid = await Runtime.grid_png(alone, images[:1], None)  # type: ignore[arg-type]
     assert [int(np.asarray(decode_png(p)).max()) for p in pngs] == [0, 40]
@@ -98,7 +98,7 @@ async def test_under_load_one_small_png_is_encoded_on_the_event_loop_and_larger_
     digits = torch.stack([torch.full((28, 28, 1), 30 * (i + 1), dtype=torch.uint8) for i in range(8)])
     closed = ThreadPoolExecutor(1)
     closed.shutdown()  # a hand-off to it raises RuntimeError
-    busy = SimpleNamespace(image_threads=closed, alone=False)  # another request in progress
+    busy = SimpleNamespace(png_level=None, image_threads=closed, alone=False)  # another request in progress
     (png,) = [base64.b64decode(p) for p in await Runtime.base64_pngs(busy, digits[:1])]  # type: ignore[arg-type]
     assert int(np.asarray(decode_png(png)).max()) == 30
     assert await Runtime.grid_png(busy, digits[:1], None) == png  # type: ignore[arg-type]
@@ -127,7 +127,7 @@ async def test_a_large_png_is_deflated_in_parts_on_the_image_threads_and_is_the_
 
     monkeypatch.setattr(imaging, "deflate_rows", spy)
     with ThreadPoolExecutor(2, thread_name_prefix="image") as pool:
-        server = SimpleNamespace(image_threads=pool, alone=False)
+        server = SimpleNamespace(png_level=None, image_threads=pool, alone=False)
         server._png_in_parts = functools.partial(Runtime._png_in_parts, server)
         png = await Runtime.grid_png(server, images, None)  # type: ignore[arg-type]
     expected = images.numpy()[0] if count == 1 else imaging.grid(images.numpy())
