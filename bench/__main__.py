@@ -173,6 +173,7 @@ def measure_baselines(args: argparse.Namespace, model: str, workdir: Path) -> li
     each started fresh with torch's default threads and warmed up like the service."""
     model_dir = (args.models_dir / model).resolve()
     env = dict(args.extra_env)  # OMP_NUM_THREADS and the like apply to them too
+    env["VAE_PNG_COMPRESSION"] = args.png_compression  # the same PNGs as the service's (baselines.png_level)
     bodies = {s: load.write_body(s, b"", workdir) for s in load.baseline_scenarios(model)}  # no uploads: /sample
     runs = []
     for name in baselines.BASELINES:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +47,12 @@ class SampleRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)  # one image per request: the scenarios they are compared on
 
 
+def png_level() -> int | None:
+    """`imaging.png_bytes`' level, as the service's VAE_PNG_COMPRESSION sets it (the bench sets it for the baselines
+    too, and LitServe's worker, a fresh process, reads it from the environment as well)."""
+    return 0 if os.environ.get("VAE_PNG_COMPRESSION") == "none" else None
+
+
 def load_decoder(model_dir: Path, device: str) -> tuple[Callable[[torch.Tensor], np.ndarray], int]:
     """Latents (B, latent_dim) -> uint8 pixels (B, H, W, C) on the host, by the decode batcher's own model call
     (`batcher.compute`, as the ceiling times it), and the model's latent size."""
@@ -62,6 +69,7 @@ def load_decoder(model_dir: Path, device: str) -> tuple[Callable[[torch.Tensor],
 
 def fastapi_app(model_dir: Path, device: str) -> FastAPI:
     draw, latent_dim = load_decoder(model_dir, device)
+    level = png_level()
     app = FastAPI()
 
     @app.get(HEALTH_PATH)
@@ -71,7 +79,7 @@ def fastapi_app(model_dir: Path, device: str) -> FastAPI:
     @app.post("/sample")
     def sample(request: SampleRequest) -> Response:  # a plain def: FastAPI runs it in its thread pool
         pixels = draw(torch.randn(1, latent_dim))
-        return Response(imaging.png_bytes(pixels[0]), media_type="image/png")
+        return Response(imaging.png_bytes(pixels[0], level), media_type="image/png")
 
     return app
 
@@ -82,9 +90,10 @@ def asgi_app(model_dir: Path, device: str) -> Callable[[Scope, Receive, Send], A
     malloc.reuse_freed_memory()
     thread = ThreadPoolExecutor(1, thread_name_prefix="model")
     draw, latent_dim = thread.submit(load_decoder, model_dir, device).result()
+    level = png_level()
 
     def png() -> bytes:
-        return imaging.png_bytes(draw(torch.randn(1, latent_dim))[0])
+        return imaging.png_bytes(draw(torch.randn(1, latent_dim))[0], level)
 
     thread.submit(png).result()
 

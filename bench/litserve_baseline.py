@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from fastapi import Response
 
-from bench.baselines import SampleRequest, load_decoder
+from bench.baselines import SampleRequest, load_decoder, png_level
 from service import imaging
 from service.repository import pick_device
 from service.settings import Settings
@@ -37,7 +37,7 @@ class LitVAE(litserve.LitAPI):  # type: ignore[misc]
         return list(output)
 
     def encode_response(self, pixels: np.ndarray) -> Response:
-        return Response(imaging.png_bytes(pixels), media_type="image/png")
+        return Response(imaging.png_bytes(pixels, png_level()), media_type="image/png")
 
 
 def run(model_dir: Path, device: str, port: int) -> None:
