@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="the models' dtype for the ceiling and the service (VAE_PRECISION; default auto)")
     p.add_argument("--png-compression", default="fast", choices=("fast", "none"),
-                   help="the PNGs' deflate in the ceiling and the service (VAE_PNG_COMPRESSION; default fast)")
+                   help="the PNGs' deflate in the ceiling, the service and the baselines (VAE_PNG_COMPRESSION; default fast)")
     p.add_argument("--cuda-graphs", default="on", choices=("on", "off"),
                    help="on a GPU, replay batches from CUDA graphs, in the ceiling and the service (VAE_CUDA_GRAPHS)")
     p.add_argument("--duration", type=float, default=6.0, help="seconds per wrk run (default 6)")
