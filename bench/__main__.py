@@ -23,7 +23,7 @@ import torch
 
 from bench import baselines, ceiling, load, report
 from bench.server import running_server
-from service import cpus, graphs
+from service import cpus, graphs, imaging
 from service.artifact import ArtifactError, read_artifact
 from service.repository import discover, pick_device, pick_dtype
 from service.settings import Settings
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     # The models as the service loads them: the same dtype, the same CUDA graphs (on a GPU).
     dtype, max_batch = pick_dtype(args.precision), Settings.model_fields["max_batch_size"].default
     sizes = graphs.batch_sizes(max_batch) if args.cuda_graphs == "on" else ()
-    png_level = None if args.png_compression == "fast" else 0  # as service.runtime.Runtime.png_level
+    png_level = imaging.png_level(args.png_compression)
     workloads = {name: ceiling.Workload.load(artifact, device, dtype, sizes, png_level)
                  for name, artifact in artifacts.items() if args.only != "baselines"}
     if args.only not in ("service", "baselines"):

@@ -50,7 +50,7 @@ class SampleRequest(BaseModel):
 def png_level() -> int | None:
     """`imaging.png_bytes`' level, as the service's VAE_PNG_COMPRESSION sets it (the bench sets it for the baselines
     too, and LitServe's worker, a fresh process, reads it from the environment as well)."""
-    return 0 if os.environ.get("VAE_PNG_COMPRESSION") == "none" else None
+    return imaging.png_level(os.environ.get("VAE_PNG_COMPRESSION", "fast"))
 
 
 def load_decoder(model_dir: Path, device: str) -> tuple[Callable[[torch.Tensor], np.ndarray], int]:

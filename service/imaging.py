@@ -70,6 +70,11 @@ def png_bytes(image: np.ndarray, compress_level: int | None = None) -> bytes:
     return _png_file(image.shape, zlib.compress(rows.data, compress_level))
 
 
+def png_level(compression: str) -> int | None:
+    """`png_bytes`' level for a VAE_PNG_COMPRESSION value: "fast", ISA-L's deflate (None); "none", rows stored (0)."""
+    return None if compression == "fast" else 0
+
+
 _STORED_BLOCK = 65535  # the most a stored deflate block holds
 
 

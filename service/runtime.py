@@ -78,8 +78,7 @@ class Runtime:
 
     @property
     def png_level(self) -> int | None:
-        """`imaging.png_bytes`' level for VAE_PNG_COMPRESSION: None, ISA-L's fast deflate; 0, stored as they are."""
-        return None if self.settings.png_compression == "fast" else 0
+        return imaging.png_level(self.settings.png_compression)
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
