@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.access import CLIENT_CLOSED_REQUEST, count_failure, log_request
 from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
 from service.fastpath import LeanRoutes
 from service.http_protocol import OVER_LIMIT, TIMED_OUT
@@ -30,10 +31,6 @@ from service.schemas import Problem
 from service.settings import Settings
 
 log = logging.getLogger("vae_serve")
-access_log = logging.getLogger("vae_serve.access")
-# nginx's status for a request whose client closed its connection before the answer: not the server's error (5xx) nor
-# the client's mistake (4xx), and counted apart (`vae_failures_total{reason="disconnected"}`)
-CLIENT_CLOSED_REQUEST = 499
 
 
 class _BodyTooLarge(HTTPException):
@@ -163,24 +160,9 @@ class LimitsAndAccessLog:
             self._counted[endpoint, model, status] = children
         children[0].inc()
         children[1].observe(seconds)
-        reason = {429: "rejected", 503: "rejected", 504: "timeout", CLIENT_CLOSED_REQUEST: "disconnected"}.get(status)
-        if reason is None and 400 <= status < 500 and status != 404:
-            reason = "invalid"
-        if reason is None and status >= 500:
-            reason = "internal"
-        if reason:
-            self.metrics.failures.labels(reason).inc()
+        count_failure(self.metrics, status)
         if endpoint not in ("/healthz", "/readyz", "/metrics") or status >= 400:
-            access_log.info(
-                "request",
-                extra={
-                    "method": scope["method"],
-                    "path": scope["path"][:200],
-                    "model": model,
-                    "status": status,
-                    "duration_ms": round(seconds * 1000, 2),
-                },
-            )
+            log_request(scope["method"], scope["path"], model, status, seconds)
 
 
 class VaeServe(FastAPI):

@@ -32,19 +32,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sys
 from collections.abc import Iterable
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from service.access import count_failure, log_request
 from service.metrics import Metrics
 from service.settings import Settings
 
 MIN_BODY_BYTES_PER_S = 1024
 MAX_HEAD_BYTES = 64 * 1024  # nginx reads up to 32 KiB of headers by default, Apache about 800 KiB, uvicorn's h11 16 KiB
 UNPARSED = "unparsed"  # the endpoint label of what is answered here: no route was matched
-access_log = logging.getLogger("vae_serve.access")  # app.LimitsAndAccessLog's
 TIMED_OUT = "vae_serve.read_timed_out"  # set in the request's scope["state"] when its connection is closed for it
 OVER_LIMIT = "vae_serve.connections_open"  # in the scope["state"] of a request on a connection beyond the limit
 
@@ -110,12 +109,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.answer_and_close(status, detail)
         if self.metrics is not None:
             self.metrics.requests.labels(UNPARSED, "", str(status)).inc()
-            self.metrics.failures.labels("invalid").inc()
+            count_failure(self.metrics, status)
         method = (self.scope or {}).get("method", "")  # what of the head was parsed: its method once all of it was
-        path = getattr(self, "url", b"")[:200].decode("latin-1")
-        access_log.info(
-            "request", extra={"method": method, "path": path, "model": "", "status": status, "duration_ms": 0.0}
-        )
+        log_request(method, getattr(self, "url", b"")[:200].decode("latin-1"), "", status, 0.0)
 
     def answer_and_close(self, status: int, detail: str) -> None:
         """`status` with `detail` as JSON, as the app answers its errors, and the connection closed after it."""

@@ -1,0 +1,35 @@
+"""What an answered request leaves behind besides its answer: its reason in `vae_failures_total`, if it failed, and
+one access line. The app's middleware (`app.LimitsAndAccessLog`) records the requests that reach the app, the HTTP
+protocol (`http_protocol.GuardedHttpProtocol`) those it answers itself, before any route: both through here, so that
+the two keep one line format and one set of reasons."""
+
+from __future__ import annotations
+
+import logging
+
+from service.metrics import Metrics
+
+access_log = logging.getLogger("vae_serve.access")
+# nginx's status for a request whose client closed its connection before the answer: not the server's error (5xx) nor
+# the client's mistake (4xx), and counted apart (`vae_failures_total{reason="disconnected"}`)
+CLIENT_CLOSED_REQUEST = 499
+_REASONS = {429: "rejected", 503: "rejected", 504: "timeout", CLIENT_CLOSED_REQUEST: "disconnected"}
+
+
+def count_failure(metrics: Metrics, status: int) -> None:
+    """Count a failed answer by its reason: rejected (429, 503), timeout (504), disconnected (499), invalid (any other
+    4xx but 404), internal (5xx). Successes and 404s are not failures."""
+    reason = _REASONS.get(status)
+    if reason is None and 400 <= status < 500 and status != 404:
+        reason = "invalid"
+    if reason is None and status >= 500:
+        reason = "internal"
+    if reason:
+        metrics.failures.labels(reason).inc()
+
+
+def log_request(method: str, path: str, model: str, status: int, seconds: float) -> None:
+    access_log.info(
+        "request",
+        extra={"method": method, "path": path[:200], "model": model, "status": status, "duration_ms": round(seconds * 1000, 2)},
+    )
