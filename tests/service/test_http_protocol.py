@@ -20,6 +20,7 @@ from service.app import create_app
 from service.http_protocol import MAX_HEAD_BYTES
 from service.server import DrainingServer, config
 from service.settings import Settings
+from tests.service.tools import healthz_status
 
 TIMEOUT_S = 0.3
 
@@ -42,15 +43,6 @@ async def running(settings: Settings) -> AsyncIterator[tuple[int, DrainingServer
 async def server(tiny_models: Path) -> AsyncIterator[tuple[int, DrainingServer]]:
     async with running(Settings(model_dir=tiny_models, port=0, read_timeout_s=TIMEOUT_S)) as started:
         yield started
-
-
-async def healthz_status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
-    """GET /healthz on a kept-alive connection; the answer's status code, its body read."""
-    writer.write(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n")
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-    await reader.readexactly(length)
-    return head.split(b" ")[1]
 
 
 async def exchange(port: int, *chunks: bytes, gap_s: float = 0.0) -> tuple[bytes, float]:

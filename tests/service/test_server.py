@@ -10,6 +10,7 @@ import uvicorn
 from service.app import create_app
 from service.server import IDLE_AFTER_S, DrainingServer
 from service.settings import Settings
+from tests.service.tools import healthz_status
 
 
 async def test_the_app_learns_how_many_client_connections_are_active(tmp_path: Any) -> None:
@@ -32,10 +33,7 @@ async def test_a_connection_answered_a_moment_ago_is_active_one_idle_since_is_no
     port = server.servers[0].sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n")
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-        await reader.readexactly(length)
+        assert await healthz_status(reader, writer) == b"200"
         assert app.state.active_connections() == 1  # its client may send again at once
         await asyncio.sleep(IDLE_AFTER_S * 4)
         assert app.state.active_connections() == 0  # idle: a wait for company would wait for nobody

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -94,3 +95,12 @@ def post_scope(path: str, content_type: str, content_length: int) -> dict[str, A
         ],
         "client": ("127.0.0.1", 5000), "server": ("test", 80),
     }
+
+
+async def healthz_status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """GET /healthz on a kept-alive connection to a real server; the answer's status code, its body read."""
+    writer.write(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    await reader.readexactly(length)
+    return head.split(b" ")[1]
