@@ -24,14 +24,15 @@ the server's connections or its memory.
 
 The answers given here (400, 408, 431) are JSON `{"detail": ...}` as the app's are, and are logged and counted as the
 app's are (the access line; `vae_requests_total` with the endpoint "unparsed", `vae_failures_total`): uvicorn answered
-its 400 in plain text, seen only in a warning. `sweep`, from the server's tick, checks every connection for the first two
-about once a second.
+its 400 in plain text, seen only in a warning (which says less than the access line, and is now left out of the log).
+`sweep`, from the server's tick, checks every connection for the first two about once a second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import Iterable
 
@@ -189,9 +190,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
+def _not_uvicorns_400_warning(record: logging.LogRecord) -> bool:
+    """uvicorn logs "Invalid HTTP request received." before it answers what httptools cannot parse; the answer's access
+    line (`close_with`) says more: the method and path, where parsed, and the status."""
+    return record.msg != "Invalid HTTP request received."
+
+
 def guarded_protocol(settings: Settings, metrics: Metrics) -> type[GuardedHttpProtocol]:
     """The protocol class for a server with these limits (VAE_MAX_CONNECTIONS, VAE_READ_TIMEOUT_S), counting in
     `metrics`."""
+    logging.getLogger("uvicorn.error").addFilter(_not_uvicorns_400_warning)  # once: the same filter is not added twice
     return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {
         "max_connections": settings.max_connections, "read_timeout_s": settings.read_timeout_s, "metrics": metrics,
     })
