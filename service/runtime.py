@@ -282,8 +282,9 @@ class Runtime:
         )
         if len(files) == 1 and len(files[0]) <= SMALL_UPLOAD_BYTES:
             image = imaging.open_upload(files[0], max_pixels)
-            if image.width * image.height <= SMALL_UPLOAD_PIXELS:
-                return torch.from_numpy(prepare(image)[None])
+            if image.width * image.height > SMALL_UPLOAD_PIXELS:  # to a thread, opened: its header is not read twice
+                return torch.from_numpy(await loop.run_in_executor(self.image_threads, prepare, image))[None]
+            return torch.from_numpy(prepare(image)[None])
         if len(files) <= IMAGE_THREADS:
             arrays = await asyncio.gather(*(loop.run_in_executor(self.image_threads, prepare, data) for data in files))
         else:
