@@ -32,6 +32,7 @@ from service.schemas import (
     ModelInfo,
     ModelList,
     SampleRequest,
+    float32_json,
     images_json,
 )
 
@@ -100,7 +101,7 @@ async def images_response(
     z = z if isinstance(z, torch.Tensor) else z()
     if as_json:
         pngs = await runtime.decode_base64_pngs(model, z)
-        return Response(images_json(model, seed, z.tolist(), pngs), media_type="application/json", headers=headers)
+        return Response(images_json(model, seed, z.numpy(), pngs), media_type="application/json", headers=headers)
     images = await runtime.decode(model, z)
     return Response(await runtime.grid_png(images, columns), media_type=PNG, headers=headers)
 
@@ -208,7 +209,7 @@ async def form_items(request: Request, content_type: str, max_files: int) -> lis
 
 
 @router.post("/encode", response_model=EncodeResponse, openapi_extra=_ENCODE_BODY, tags=["encode"])
-async def encode(request: Request, runtime: RuntimeDep) -> EncodeResponse:
+async def encode(request: Request, runtime: RuntimeDep) -> Response:
     """Encode images to the mean and log-variance of q(z|x), one row per image."""
     name, files, invert = await read_encode_request(request, runtime.settings.max_images_per_request)
     request.state.model = name
@@ -219,7 +220,8 @@ async def encode(request: Request, runtime: RuntimeDep) -> EncodeResponse:
         mu, log_var = await runtime.encode_uploads(model, files, invert)
     except ImageError as exc:
         raise unprocessable(str(exc)) from None
-    return EncodeResponse(model=name, latent_dim=model.latent_dim, mu=mu.tolist(), log_var=log_var.tolist())
+    fields = {"model": name, "latent_dim": model.latent_dim, "mu": mu.numpy(), "log_var": log_var.numpy()}  # EncodeResponse
+    return Response(float32_json(fields), media_type="application/json")
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ModelName = Annotated[str, Field(min_length=1, max_length=100, examples=["faces"], description="a served model")]
@@ -93,15 +95,30 @@ class ImagesResponse(BaseModel):
     images: list[str] = Field(description="base64-encoded PNGs")  # last: images_json relies on it
 
 
-def images_json(model: str, seed: int | None, latents: list[list[float]], base64_pngs: list[bytes]) -> bytes:
-    """An ImagesResponse as JSON, byte for byte what its model_dump_json writes. pydantic writes everything but the
-    images, which come base64-encoded from the threads that encoded the PNGs and are joined in as bytes: base64 needs
-    no escaping, and pydantic validating and writing 64 strings of 20 KB cost the event loop 2.6 ms for an n=64
-    `faces` answer."""
-    head = ImagesResponse(model=model, seed=seed, latents=latents, images=[]).model_dump_json().encode()
+def images_json(model: str, seed: int | None, latents: np.ndarray, base64_pngs: list[bytes]) -> bytes:
+    """An ImagesResponse as JSON. The images come base64-encoded from the threads that encoded the PNGs and are joined
+    in as bytes: base64 needs no escaping, and pydantic validating and writing 64 strings of 20 KB cost the event loop
+    2.6 ms for an n=64 `faces` answer. The latents are written as `float32_json` writes them."""
+    head = float32_json({"model": model, "seed": seed, "latents": latents, "images": []})
     if not base64_pngs:
         return head
-    return b"".join((head.removesuffix(b"]}"), b'"', b'","'.join(base64_pngs), b'"]}'))
+    # one join over the images, the JSON around them in the first and last: 1.3 MB copied once, not twice as by a join
+    # inside another (n=64 faces: 0.22 -> 0.12 ms)
+    parts = list(base64_pngs)
+    parts[0] = head.removesuffix(b"]}") + b'"' + parts[0]
+    parts[-1] += b'"]}'
+    return b'","'.join(parts)
+
+
+def float32_json(fields: dict[str, object]) -> bytes:
+    """`fields` as compact JSON, their arrays as float32: each number the shortest decimal that reads back as the same
+    float32 (0.80327606, where pydantic wrote the float64 it becomes in Python, 0.8032760620117188). Sent back, a
+    latent decodes exactly as it did; the numbers take about half the bytes; and orjson writes them from the array in
+    C: 8,192 of them (an n=64 `faces` answer) in 0.3 ms of the event loop against 0.6-1.3 ms by pydantic."""
+    return orjson.dumps(
+        {k: np.ascontiguousarray(v, np.float32) if isinstance(v, np.ndarray) else v for k, v in fields.items()},
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
 
 
 class EncodeResponse(BaseModel):

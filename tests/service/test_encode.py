@@ -16,6 +16,7 @@ from PIL import Image
 import service.imaging
 from service.imaging import prepare_upload
 from tests.conftest import png
+from tests.service.tools import most_significant_digits
 
 
 def jpeg(mode: str = "RGB", size: tuple[int, int] = (50, 30)) -> bytes:
@@ -31,6 +32,7 @@ async def test_multipart_upload_returns_one_row_per_image(client: httpx.AsyncCli
     body = r.json()
     assert body["model"] == "faces" and body["latent_dim"] == 8
     assert np.array(body["mu"]).shape == (2, 8) and np.array(body["log_var"]).shape == (2, 8)
+    assert most_significant_digits(r.text) <= 9  # float32's shortest decimals (schemas.float32_json)
 
 
 async def test_json_base64_upload_matches_multipart(client: httpx.AsyncClient) -> None:

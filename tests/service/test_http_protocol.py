@@ -133,11 +133,12 @@ async def test_connections_that_send_their_requests_in_time_are_kept(server: tup
 
 async def test_an_answer_the_client_does_not_read_is_dropped_with_its_connection(server: tuple[int, DrainingServer]) -> None:
     port, served = server
-    body = json.dumps({"model": "faces", "n": 256}).encode()  # about 1 MB of JSON
+    body = json.dumps({"model": "faces", "n": 256}).encode()  # about 60 KB of JSON from the tiny model
     # small kernel buffers on both ends (an accepted socket takes the listener's), so that the answer stays in uvicorn's
     served.servers[0].sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    client = socket.create_connection(("127.0.0.1", port))
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: it sets the window offered
+    client.connect(("127.0.0.1", port))
     try:
         client.sendall(sample_request(body).replace(b"connection: close", b"accept: application/json") + body)
         metrics = served.config.app.state.metrics  # type: ignore[union-attr]

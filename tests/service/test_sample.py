@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 
 import httpx
 import numpy as np
 import pytest
 import torch
 
-from service.schemas import ImagesResponse, images_json
+from service.schemas import ImagesResponse, float32_json, images_json
 from service.settings import Settings
 from tests.conftest import decode_png, serve
+from tests.service.tools import most_significant_digits
 
 
 async def test_one_image_is_a_png_of_the_model_shape(client: httpx.AsyncClient) -> None:
@@ -41,19 +43,31 @@ async def test_json_gives_latents_images_and_the_seed_used(client: httpx.AsyncCl
     assert [decode_png(base64.b64decode(i)).size for i in body["images"]] == [(28, 28)] * 3
 
 
-async def test_json_answer_is_what_its_schema_writes(client: httpx.AsyncClient) -> None:
+async def test_json_answer_is_what_its_schema_reads_with_the_seeds_latents_as_float32(client: httpx.AsyncClient) -> None:
     r = await client.post("/sample", json={"model": "faces", "n": 2, "seed": 7}, headers={"accept": "application/json"})
-    assert r.content == ImagesResponse.model_validate_json(r.content).model_dump_json().encode()
+    body = ImagesResponse.model_validate_json(r.content)
+    assert body.model == "faces" and body.seed == 7 and len(body.images) == 2
+    drawn = torch.randn(2, 8, generator=torch.Generator().manual_seed(7)).numpy()
+    assert np.array_equal(np.array(body.latents, np.float32), drawn)  # to the bit, read back as float32
 
 
 @pytest.mark.parametrize("seed", [None, 0, 2**31 - 1])
 @pytest.mark.parametrize("n", [0, 1, 3])
-def test_images_json_is_byte_for_byte_the_schemas_own(seed: int | None, n: int) -> None:
+def test_images_json_writes_what_its_schema_reads(seed: int | None, n: int) -> None:
     pngs = [bytes(range(i, 40 + 7 * i)) for i in range(n)]
-    latents = torch.randn(n, 5, generator=torch.Generator().manual_seed(n)).tolist()
-    images = [base64.b64encode(p).decode() for p in pngs]
-    expected = ImagesResponse(model='fa"ces', seed=seed, latents=latents, images=images).model_dump_json().encode()
-    assert images_json('fa"ces', seed, latents, [base64.b64encode(p) for p in pngs]) == expected
+    latents = torch.randn(n, 5, generator=torch.Generator().manual_seed(n)).numpy()
+    body = ImagesResponse.model_validate_json(images_json('fa"ces', seed, latents, [base64.b64encode(p) for p in pngs]))
+    assert (body.model, body.seed, [base64.b64decode(i) for i in body.images]) == ('fa"ces', seed, pngs)
+    assert np.array_equal(np.array(body.latents, np.float32).reshape(n, 5), latents)
+
+
+def test_numbers_are_float32s_shortest_decimals_and_read_back_to_the_same_float32() -> None:
+    values = np.array([[0.1, 0.8032760620117188, -1.5, 0.0, 1e-45, 3.4e38]], np.float32)
+    assert float32_json({"z": values}) == b'{"z":[[0.1,0.80327606,-1.5,0.0,1e-45,3.4e+38]]}'
+    many = (torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * torch.logspace(-6, 6, 128)).numpy()
+    text = float32_json({"z": many}).decode()
+    assert np.array_equal(np.array(json.loads(text)["z"], np.float32), many)
+    assert most_significant_digits(text) <= 9
 
 
 async def test_same_seed_same_bytes_even_under_concurrent_load(client: httpx.AsyncClient) -> None:

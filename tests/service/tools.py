@@ -1,9 +1,11 @@
-"""What the reliability tests share: stand-in models that are slow, block or fail on cue, and a memory probe."""
+"""What the service tests share: stand-in models that are slow, block or fail on cue, a memory probe, and a reading of
+the numbers in a JSON answer."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -18,6 +20,14 @@ import service.runtime
 from service.repository import ServedModel
 from service.settings import Settings
 from tests.conftest import serve
+
+
+def most_significant_digits(json_text: str) -> int:
+    """The most significant digits any number in `json_text` is written with: 9 at most for float32's shortest
+    decimals, 16-17 for the float64 a float32 becomes in Python."""
+    mantissas = (m.split("e")[0].split("E")[0] for m in re.findall(r"-?\d[\d.eE+-]*", json_text))
+    return max((len(m.lstrip("-").replace(".", "").lstrip("0").rstrip("0")) for m in mantissas), default=0)
+
 
 # hook(model, op, inputs) runs on the model thread before the real call: it may sleep, block or raise.
 Hook = Callable[[str, str, torch.Tensor], None]
