@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from service import server, workers
-from service.app import create_app
+from service import log_writer, workers
 from service.settings import Settings
 
 
@@ -20,9 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
-    server.configure_logging(settings.log_level)
+    log_writer.configure_logging(settings.log_level)
     if settings.workers > 1:
         return workers.supervise(settings, overrides)
+    # imported only here: the VAE_WORKERS supervisor above loads neither torch nor the app (38 MiB resident, not 254)
+    from service import server
+    from service.app import create_app
+
     server.DrainingServer(server.config(create_app(settings), settings)).run()
     return 0
 

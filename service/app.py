@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import secrets
 import time
@@ -353,18 +352,3 @@ def create_app(settings: Settings | None = None, *, wait_for_models: bool = Fals
     )
     return app
 
-
-def log_format(record: logging.LogRecord) -> str:
-    """One JSON object per line: easy to grep, easy to ship."""
-    payload: dict[str, Any] = {
-        "ts": round(record.created, 3),
-        "level": record.levelname.lower(),
-        "logger": record.name,
-        "msg": record.getMessage(),
-    }
-    for key in ("method", "path", "model", "status", "duration_ms", "ready", "models"):
-        if hasattr(record, key):
-            payload[key] = getattr(record, key)
-    if record.exc_info:
-        payload["error"] = logging.Formatter().formatException(record.exc_info)[-2000:]
-    return json.dumps(payload, default=str)

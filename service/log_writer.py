@@ -1,10 +1,14 @@
-"""Log lines formatted and written in bulk by a thread of their own, off the event loop."""
+"""The service's log: one JSON object per line on stderr, formatted and written in bulk by a thread of its own, off the
+event loop. Light to import: the VAE_WORKERS supervisor logs with it and loads neither torch nor the app (38 MiB
+resident instead of 254)."""
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import threading
+from typing import Any
 
 _LINES_PER_WRITE = 256  # the writer lets go of the GIL at each write: a long backlog does not hold it in one go
 
@@ -65,3 +69,36 @@ class BulkWriter(logging.Handler):
             self._wake.wait(self._interval_s)
             self._wake.clear()
             self.flush()
+
+
+def log_format(record: logging.LogRecord) -> str:
+    """One JSON object per line: easy to grep, easy to ship."""
+    payload: dict[str, Any] = {
+        "ts": round(record.created, 3),
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "msg": record.getMessage(),
+    }
+    for key in ("method", "path", "model", "status", "duration_ms", "ready", "models"):
+        if hasattr(record, key):
+            payload[key] = getattr(record, key)
+    if record.exc_info:
+        payload["error"] = logging.Formatter().formatException(record.exc_info)[-2000:]
+    return json.dumps(payload, default=str)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return log_format(record)
+
+
+def configure_logging(level: str) -> None:
+    """JSON lines on stderr, formatted and written by a thread of their own (BulkWriter): on the event loop,
+    formatting and writing every request's access line took ~4% of its time (py-spy, /sample at one connection)."""
+    # Nothing in a line (log_format) comes from the caller's frame, thread or process: leave them out of every record,
+    # as the logging HOWTO's "Optimization" table shows. An access record then costs the event loop 7.7 us, not 11.1.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    out = logging.StreamHandler()
+    out.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[BulkWriter(out)], force=True)

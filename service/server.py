@@ -1,36 +1,16 @@
-"""The uvicorn server as vae-serve runs it: JSON logs, limits, and a drain on SIGTERM."""
+"""The uvicorn server as vae-serve runs it: limits, and a drain on SIGTERM. Its log lines: log_writer.configure_logging."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import signal
 
 import uvicorn
 from fastapi import FastAPI
 
-from service.app import log_format
 from service.http_protocol import GuardedHttpProtocol, guarded_protocol
-from service.log_writer import BulkWriter
 from service.settings import Settings
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return log_format(record)
-
-
-def configure_logging(level: str) -> None:
-    """JSON lines on stderr, formatted and written by a thread of their own (log_writer.py): on the event loop,
-    formatting and writing every request's access line took ~4% of its time (py-spy, /sample at one connection)."""
-    # Nothing in a line (log_format) comes from the caller's frame, thread or process: leave them out of every record,
-    # as the logging HOWTO's "Optimization" table shows. An access record then costs the event loop 7.7 us, not 11.1.
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    out = logging.StreamHandler()
-    out.setFormatter(_JsonFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[BulkWriter(out)], force=True)
 
 
 def config(app: FastAPI, settings: Settings) -> uvicorn.Config:
@@ -38,7 +18,7 @@ def config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         app,
         host=settings.host,
         port=settings.port,
-        log_config=None,  # our JSON handler above
+        log_config=None,  # our JSON handler (log_writer.configure_logging)
         access_log=False,  # our own access line carries the model and the duration
         # X-Forwarded-* would only change a request's client address and scheme, which nothing here reads: without
         # uvicorn's middleware for them every request takes one pass less (app.VaeServe)

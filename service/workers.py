@@ -26,6 +26,7 @@ from typing import Any
 
 from prometheus_client import multiprocess
 
+from service.log_writer import configure_logging
 from service.settings import Settings
 
 log = logging.getLogger("vae_serve.workers")
@@ -119,7 +120,7 @@ def _serve(sock: socket.socket, ready: Event, parent: int) -> None:
     from service.app import create_app
 
     settings = Settings()
-    server.configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     worker = server.DrainingServer(server.config(create_app(settings, wait_for_models=True), settings))
 
     def watch() -> None:

@@ -16,7 +16,7 @@ from pydantic import SecretStr, ValidationError
 
 import service.__main__
 import service.server
-from service.app import log_format
+from service.log_writer import log_format
 from service.settings import Settings
 from tests.conftest import png, serve
 

@@ -10,15 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.log_writer import BulkWriter
-from service.server import _JsonFormatter
+from service.log_writer import BulkWriter, JsonFormatter
 
 
 @pytest.fixture
 def logged() -> Iterator[tuple[logging.Logger, BulkWriter, io.StringIO]]:
     stream = io.StringIO()
     out = logging.StreamHandler(stream)
-    out.setFormatter(_JsonFormatter())
+    out.setFormatter(JsonFormatter())
     writer = BulkWriter(out, interval_s=30)  # no periodic write within a test: only a warning or a close write
     logger = logging.getLogger(f"test_log_writer.{id(stream)}")
     logger.propagate, logger.level = False, logging.INFO
