@@ -164,8 +164,8 @@ def _to_mode(image: Image.Image, channels: int) -> Image.Image:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         # Pasted through its own alpha onto white (the image its own mask, as Pillow's docs suggest): the same pixels as
-        # alpha_composite over an opaque white RGBA image, without its two more full-size RGBA images or a copy of the
-        # alpha channel. A 40-megapixel RGBA PNG: 342 -> 304 MiB at its peak without that copy (bench/README.md).
+        # alpha_composite over an opaque white RGBA image, without the two full-size RGBA images that takes, nor a copy
+        # of the alpha channel (a 40-megapixel RGBA PNG: 342 -> 304 MiB at its peak without that copy; bench/README.md).
         rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         white = Image.new("RGB", image.size, (255, 255, 255))
         white.paste(rgba, mask=rgba)
