@@ -84,7 +84,7 @@ class Runtime:
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
         """Load and warm up every model in the repository on the model thread (slow: call it off the event loop)."""
         device, dtype = pick_device(settings.device), pick_dtype(settings.precision)
-        threads = pick_threads(settings.torch_threads, device)
+        threads = pick_threads(settings.torch_threads, device, settings.workers)
         if threads != torch.get_num_threads():
             log.info("torch threads %d -> %d", torch.get_num_threads(), threads)
             torch.set_num_threads(threads)
@@ -343,15 +343,17 @@ class Runtime:
         return await run(imaging.png_from_parts, shape, parts, await adler)
 
 
-def pick_threads(setting: int, device: torch.device) -> int:
+def pick_threads(setting: int, device: torch.device, workers: int = 1) -> int:
     """Intra-op threads for the torch ops the service runs on the CPU. The setting when there is one. On a GPU, one:
     there the CPU's torch work is joining batches and copying them, and every thread of a larger OpenMP team spins
     after each op, which on an H200's 16 cores burned 7 of them under /encode load and served 0.7x the images of one
-    thread (bench/README.md, *On a GPU*). On a CPU, torch's default, but at most the CPUs this process may use
-    (torch counts the host's cores: see cpus.py)."""
+    thread (bench/README.md, *On a GPU*). On a CPU, torch's default, but at most this process's share of the CPUs it
+    may use (torch counts the host's cores: see cpus.py), shared among the VAE_WORKERS processes: on 2 cores, 2 workers
+    of 2 threads each served `mnist` `/encode` at 1,211 requests/s, as one process does, and of 1 thread each at 2,474
+    (bench/README.md)."""
     if setting:
         return setting
-    return 1 if device.type == "cuda" else min(torch.get_num_threads(), USABLE_CPUS)
+    return 1 if device.type == "cuda" else max(1, min(torch.get_num_threads(), USABLE_CPUS // workers))
 
 
 def default_lanes(torch_threads: int) -> int:

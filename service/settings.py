@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(
         0, ge=0, description="intra-op threads for torch's CPU work; 0: on a GPU 1, on a CPU torch's default, at most "
-        "the CPUs the process may use (its affinity and its container's CPU quota)",
+        "the process's share of the CPUs it may use (its affinity and its container's CPU quota, divided among the workers)",
     )
     cpu_lanes: int = Field(
         0, ge=0, le=256,

@@ -40,16 +40,21 @@ def test_models_load_and_warm_up_on_the_model_thread_that_later_runs_them(
         rt.image_threads.shutdown()
 
 
-def test_torch_runs_one_thread_beside_a_gpu_and_at_most_the_cpus_it_may_use_on_a_cpu(
+def test_torch_runs_one_thread_beside_a_gpu_and_its_share_of_the_cpus_it_may_use_on_a_cpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Beside a GPU, the CPU's torch work is joining and copying batches, where a larger OpenMP team only spins. The
-    setting, when there is one, wins."""
+    """Beside a GPU, the CPU's torch work is joining and copying batches, where a larger OpenMP team only spins. On a
+    CPU, VAE_WORKERS processes share the CPUs rather than each start a team of them all. The setting, when there is
+    one, wins."""
     monkeypatch.setattr(runtime, "USABLE_CPUS", 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)  # torch counted the host's cores
     assert runtime.pick_threads(0, torch.device("cuda")) == 1
     assert runtime.pick_threads(0, torch.device("cpu")) == 2
-    assert runtime.pick_threads(3, torch.device("cuda")) == runtime.pick_threads(3, torch.device("cpu")) == 3
+    assert runtime.pick_threads(0, torch.device("cpu"), workers=2) == runtime.pick_threads(0, torch.device("cpu"), 3) == 1
+    monkeypatch.setattr(runtime, "USABLE_CPUS", 16)
+    assert runtime.pick_threads(0, torch.device("cpu"), workers=4) == 4
+    assert runtime.pick_threads(0, torch.device("cuda"), workers=4) == 1
+    assert runtime.pick_threads(3, torch.device("cuda")) == runtime.pick_threads(3, torch.device("cpu"), 2) == 3
 
 
 async def test_a_request_larger_than_a_batch_is_reassembled_in_order(
