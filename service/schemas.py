@@ -92,7 +92,7 @@ class ImagesResponse(BaseModel):
     model: str
     seed: int | None = None
     latents: list[list[float]]
-    images: list[str] = Field(description="base64-encoded PNGs")  # last: images_json relies on it
+    images: list[str] = Field(description="base64-encoded PNGs")  # last, as images_json writes it
 
 
 def images_json(model: str, seed: int | None, latents: np.ndarray, base64_pngs: list[bytes]) -> bytes:
@@ -113,7 +113,7 @@ def images_json(model: str, seed: int | None, latents: np.ndarray, base64_pngs: 
 def float32_json(fields: dict[str, object]) -> bytes:
     """`fields` as compact JSON, their arrays as float32: each number the shortest decimal that reads back as the same
     float32 (0.80327606, where pydantic wrote the float64 it becomes in Python, 0.8032760620117188). Sent back, a
-    latent decodes exactly as it did; the numbers take about half the bytes; and orjson writes them from the array in
+    latent is the model's own value to the bit; the numbers take about half the bytes; and orjson writes them from the array in
     C: 8,192 of them (an n=64 `faces` answer) in 0.3 ms of the event loop against 0.6-1.3 ms by pydantic."""
     return orjson.dumps(
         {k: np.ascontiguousarray(v, np.float32) if isinstance(v, np.ndarray) else v for k, v in fields.items()},
