@@ -5,10 +5,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from train.vae import reparameterize
+from train.vae import VAE
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ def _up(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
-class FaceVAE(nn.Module):
+class FaceVAE(VAE):
     def __init__(self, config: FaceVAEConfig = FaceVAEConfig()) -> None:
         super().__init__()
         self.config = config
@@ -75,16 +74,3 @@ class FaceVAE(nn.Module):
             *[_up(a, b) for a, b in itertools.pairwise(up_widths)],
             nn.Sigmoid(),  # (B, 3, H, W) in [0, 1]
         )
-
-    @torch.jit.export
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.encoder(x)
-        return self.to_mu(h), self.to_log_var(h)
-
-    @torch.jit.export
-    def decode(self, z: Tensor) -> Tensor:
-        return self.decoder(z)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mu, log_var = self.encode(x)
-        return self.decode(reparameterize(mu, log_var)), mu, log_var

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
 from service.repository import pick_device
@@ -19,7 +19,7 @@ from train.export import export, install
 from train.face_vae import FaceVAE, FaceVAEConfig
 from train.mnist_vae import MnistVAE, MnistVAEConfig
 from train.report import write_report
-from train.vae import vae_loss
+from train.vae import VAE, vae_loss
 
 CHECKPOINT = "checkpoint.pt"
 LR_FLOOR = 0.01  # the cosine schedule ends at this share of the initial learning rate
@@ -33,7 +33,7 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     return config.lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build_model(config: TrainConfig) -> tuple[nn.Module, str]:
+def build_model(config: TrainConfig) -> tuple[VAE, str]:
     """The architecture for `config.model` and its name in the manifest."""
     if config.model == "mnist":
         return MnistVAE(MnistVAEConfig(latent_dim=config.latent_dim, hidden_dim=config.hidden_dim)), "mnist_fc_vae"
@@ -70,7 +70,7 @@ def _to_input(batch: Tensor, device: torch.device, hflip: bool) -> Tensor:
 
 
 def train_epoch(
-    model: nn.Module, images: Tensor, optimizer: torch.optim.Optimizer, config: TrainConfig, beta: float, desc: str
+    model: VAE, images: Tensor, optimizer: torch.optim.Optimizer, config: TrainConfig, beta: float, desc: str
 ) -> dict[str, float]:
     model.train()
     device = next(model.parameters()).device
@@ -96,7 +96,7 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: Tensor, config: TrainConfig) -> dict[str, float]:
+def evaluate(model: VAE, images: Tensor, config: TrainConfig) -> dict[str, float]:
     """Per-image reconstruction, KL and negative ELBO (beta = 1) with one posterior sample."""
     model.eval()
     device = next(model.parameters()).device
@@ -112,7 +112,7 @@ def evaluate(model: nn.Module, images: Tensor, config: TrainConfig) -> dict[str,
 
 
 @torch.no_grad()
-def label_centroids(model: nn.Module, data: datasets.Dataset, device: torch.device) -> dict[str, list[float]]:
+def label_centroids(model: VAE, data: datasets.Dataset, device: torch.device) -> dict[str, list[float]]:
     """Mean latent mean per label: where each class sits in the latent space (for maps and checks)."""
     model.eval()
     assert data.labels is not None

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from train.vae import reparameterize
+from train.vae import VAE
 
 
 @dataclass(frozen=True)
@@ -17,7 +16,7 @@ class MnistVAEConfig:
     image_shape: tuple[int, int, int] = (1, 28, 28)
 
 
-class MnistVAE(nn.Module):
+class MnistVAE(VAE):
     def __init__(self, config: MnistVAEConfig = MnistVAEConfig()) -> None:
         super().__init__()
         self.config = config
@@ -33,16 +32,3 @@ class MnistVAE(nn.Module):
             nn.Sigmoid(),
             nn.Unflatten(1, config.image_shape),  # (B, 1, 28, 28)
         )
-
-    @torch.jit.export
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.encoder(x)
-        return self.to_mu(h), self.to_log_var(h)
-
-    @torch.jit.export
-    def decode(self, z: Tensor) -> Tensor:
-        return self.decoder(z)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mu, log_var = self.encode(x)
-        return self.decode(reparameterize(mu, log_var)), mu, log_var

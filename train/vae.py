@@ -1,4 +1,4 @@
-"""What every VAE here shares: the reparameterization trick, the KL term and the loss.
+"""What every VAE here shares: the encode/decode interface, the reparameterization trick, the KL term and the loss.
 
 Kingma & Welling, "Auto-Encoding Variational Bayes" (2013), Appendix B gives the closed-form KL.
 """
@@ -9,12 +9,32 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def reparameterize(mu: Tensor, log_var: Tensor) -> Tensor:
     """z = mu + sigma * eps, so gradients flow through mu and log_var."""
     return mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+
+
+class VAE(nn.Module):
+    """A VAE as the artifact exports it: `encode(x) -> (mu, log_var)` and `decode(z) -> x`, and the training pass.
+
+    Subclasses build `encoder` (images to a hidden vector), the linear heads `to_mu` and `to_log_var`, and
+    `decoder` (latents to images in [0, 1])."""
+
+    @torch.jit.export
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.encoder(x)
+        return self.to_mu(h), self.to_log_var(h)
+
+    @torch.jit.export
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mu, log_var = self.encode(x)
+        return self.decode(reparameterize(mu, log_var)), mu, log_var
 
 
 def kl_divergence(mu: Tensor, log_var: Tensor) -> Tensor:
