@@ -90,7 +90,11 @@ class Runtime:
             torch.set_num_threads(threads)
         malloc.reuse_freed_memory()
         sizes = graphs.batch_sizes(settings.max_batch_size) if settings.cuda_graphs else ()
-        model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # The thread sets its own count: a new thread starts from the count last set on any thread, and a lane sets 1.
+        # An app created after another in one process (the tests, an embedding app) computed on one thread, lane-less.
+        model_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="model", initializer=torch.set_num_threads, initargs=(threads,)
+        )
         models = model_thread.submit(
             lambda: {d.name: load_model(d, device, dtype, sizes) for d in discover(settings.model_dir)}
         ).result()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 
 import httpx
 import numpy as np
@@ -79,16 +80,35 @@ async def test_same_seed_same_bytes_even_under_concurrent_load(client: httpx.Asy
     assert all(r.content == alone for r in results[-5:])
 
 
-async def test_a_grid_holds_the_images_the_same_seed_gives_as_json(client: httpx.AsyncClient) -> None:
-    """256 tiles of 32x32 RGB: a PNG large enough to be compressed in parts on several threads."""
-    request = {"model": "faces", "n": 256, "seed": 3}
+async def assert_json_images_are_the_grids_tiles(client: httpx.AsyncClient, request: dict[str, object]) -> None:
+    """The JSON answer's images, each once and in order, are the tiles of the grid PNG the same request gives."""
     grid = np.asarray(decode_png((await client.post("/sample", json=request)).content))
     answer = await client.post("/sample", json=request, headers={"accept": "application/json"})
     images = [np.asarray(decode_png(base64.b64decode(i))) for i in answer.json()["images"]]
-    assert grid.shape == (16 * 34 + 2, 16 * 34 + 2, 3)
+    n, columns, size = len(images), math.ceil(math.sqrt(len(images))), 32  # the tiny faces model: 32x32
+    assert n == request["n"]
+    assert grid.shape == (math.ceil(n / columns) * (size + 2) + 2, columns * (size + 2) + 2, 3)
     for i, image in enumerate(images):
-        top, left = 2 + (i // 16) * 34, 2 + (i % 16) * 34
-        assert np.array_equal(grid[top : top + 32, left : left + 32], image)
+        top, left = 2 + (i // columns) * (size + 2), 2 + (i % columns) * (size + 2)
+        assert np.array_equal(grid[top : top + size, left : left + size], image), i
+
+
+async def test_a_grid_holds_the_images_the_same_seed_gives_as_json(client: httpx.AsyncClient) -> None:
+    """256 tiles of 32x32 RGB: a PNG large enough to be compressed in parts on several threads."""
+    await assert_json_images_are_the_grids_tiles(client, {"model": "faces", "n": 256, "seed": 3})
+
+
+@pytest.mark.parametrize("spare_core", [False, True], ids=["PNGs on the lanes", "PNGs on the image threads"])
+async def test_a_json_answer_decoded_in_parts_holds_every_image_once_in_order(settings: Settings, spare_core: bool) -> None:
+    """With two lanes, a request of more images than a lane's batch is decoded in parts. Where the lanes share every
+    core, each encodes its own part's PNGs (`Runtime.pngs_on_batch_thread`); with a core to spare, the image threads
+    encode them, a lone request's in parts of half a batch. Either way the answer is whole and in order."""
+    async with serve(settings.model_copy(update={"cpu_lanes": 2, "torch_threads": 2})) as client:
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        runtime.spare_core = spare_core  # as on a machine with more cores than torch threads
+        assert runtime.pngs_on_batch_thread is not spare_core
+        request = {"model": "faces", "n": 2 * runtime.max_batch_size + 3, "seed": 4}
+        await assert_json_images_are_the_grids_tiles(client, request)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])

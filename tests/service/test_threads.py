@@ -40,6 +40,19 @@ def test_models_load_and_warm_up_on_the_model_thread_that_later_runs_them(
         rt.image_threads.shutdown()
 
 
+def test_the_model_thread_computes_with_the_threads_chosen_whatever_ran_in_the_process_before(settings: Settings) -> None:
+    """A new thread starts from the torch thread count last set on any thread, and a lane sets 1: the model thread sets
+    its own, so that an app created after another (an embedding app, the tests) still has its team and its lanes."""
+    for _ in range(2):  # the first runtime's lanes set 1 before the second one starts
+        rt = Runtime.load(settings.model_copy(update={"torch_threads": 2, "cpu_lanes": 2, "device": "cpu"}), Metrics())
+        try:
+            assert rt.lanes.model_thread.submit(torch.get_num_threads).result() == 2
+            assert [lane.submit(torch.get_num_threads).result() for lane in rt.lanes.singles] == [1, 1]
+        finally:
+            rt.lanes.shutdown()
+            rt.image_threads.shutdown()
+
+
 def test_torch_runs_one_thread_beside_a_gpu_and_its_share_of_the_cpus_it_may_use_on_a_cpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
