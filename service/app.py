@@ -12,9 +12,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,7 +26,7 @@ from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
 from service.fastpath import LeanRoutes
 from service.http_protocol import OVER_LIMIT, TIMED_OUT
 from service.metrics import Metrics
-from service.routes import metrics_router, probes, router
+from service.routes import is_json, media_type, metrics_router, probes, router
 from service.runtime import ModelUnavailable, Runtime, UnknownModel
 from service.schemas import Problem
 from service.settings import Settings
@@ -216,13 +218,31 @@ def _clip(value: Any, limit: int = 100) -> Any:
 def _body_not_json(request: Request, exc: RequestValidationError) -> bool:
     """A JSON route's body sent with another content type, or none: FastAPI does not parse it (rightly: no guessing),
     and its error, "Input should be a valid dictionary", would not say that the header is what to fix."""
-    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+    if is_json(media_type(request.headers.get("content-type", ""))):
         return False  # what FastAPI reads as JSON: its errors are about the JSON itself
     return any(tuple(e.get("loc", ())) == ("body",) for e in exc.errors())
 
 
+def _unreadable_body(exc: StarletteHTTPException) -> str | None:
+    """What FastAPI's 400, "There was an error parsing the body", was about, where its cause says: a JSON body that is
+    not UTF-8, or nested deeper than Python's parser goes. That message alone does not say what to fix."""
+    cause = exc.__cause__
+    if exc.status_code != 400:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not UTF-8 (byte {cause.start} is {cause.object[cause.start]:#04x}): send JSON as UTF-8 text"
+    if isinstance(cause, RecursionError):
+        return "the body's JSON is nested too deeply to be read: a request needs only a few levels"
+    return None
+
+
 def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if reason := _unreadable_body(exc):
+            return _error(400, reason)
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         if _body_not_json(request, exc):

@@ -14,8 +14,9 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from service import multipart_form
@@ -158,8 +159,13 @@ _ENCODE_BODY = {
                     "properties": {
                         "model": {"type": "string", "example": "mnist"},
                         "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        "invert": {"type": "boolean", "description": "default: auto for one-channel models"},
+                        "invert": {
+                            "type": "string", "enum": ["auto", "true", "false"], "default": "auto",
+                            "description": "invert a light background to the light-on-dark digits MNIST-like models saw; "
+                            "auto: for one-channel models, where the image's border is light (yes/no, on/off, 1/0 too)",
+                        },
                     },
+                    "additionalProperties": False,
                 }
             },
             "application/json": {"schema": EncodeJSONRequest.model_json_schema(), "example": {"model": "mnist", "images": ["iVBORw0KGgo..."]}},
@@ -168,26 +174,31 @@ _ENCODE_BODY = {
 }
 
 
+def media_type(content_type: str) -> str:
+    """A Content-Type header's media type, lowercased, without its parameters (RFC 9110: case-insensitive)."""
+    return content_type.partition(";")[0].strip().lower()
+
+
+def is_json(media: str) -> bool:
+    """Whether a media type is one FastAPI reads as JSON: application/json, or application/...+json."""
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def read_encode_request(request: Request, max_images: int) -> tuple[str, list[bytes], bool | None]:
     """(model, image files, invert) from a multipart form or a JSON body."""
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    media = media_type(content_type)
+    if media == "multipart/form-data":
         try:
             items = await form_items(request, content_type, max_images)
-        except (HTTPException, ClientDisconnect):
+        except (HTTPException, ClientDisconnect):  # the app's own: 413 and 503 from the body's limits, a client gone
             raise
-        except Exception as exc:  # malformed multipart
+        except StarletteHTTPException as exc:  # Starlette's parser: a malformed form, or one over its limits
+            raise unprocessable(f"could not read the multipart form: {exc.detail}") from None
+        except Exception as exc:
             raise unprocessable(f"could not read the multipart form: {exc}") from None
-        fields = dict(items)  # the last of a repeated field, as Starlette's FormData.get
-        model, invert_field = fields.get("model"), fields.get("invert")
-        uploads = [value for name, value in items if name == "image" and isinstance(value, bytes)]
-        if not isinstance(model, str) or not model:
-            raise unprocessable("the form needs a 'model' field naming a served model")
-        if not uploads:
-            raise unprocessable("the form needs at least one file in an 'image' field")
-        invert = None if invert_field in (None, "", "auto") else str(invert_field).lower() in ("1", "true", "yes")
-        return model, uploads, invert
-    if content_type.startswith("application/json") or not content_type:
+        return form_fields(items)
+    if is_json(media) or not media:
         try:
             body = EncodeJSONRequest.model_validate_json(await request.body())
         except ValidationError as exc:  # answered like every other invalid body: bounded, input never echoed
@@ -196,6 +207,42 @@ async def read_encode_request(request: Request, max_images: int) -> tuple[str, l
             raise unprocessable(f"{len(body.images)} images; this server encodes at most {max_images} per request")
         return body.model, [decode_base64(v, i) for i, v in enumerate(body.images)], body.invert
     raise HTTPException(status_code=415, detail="send multipart/form-data with 'image' files, or JSON with base64 'images'")
+
+
+FORM_FIELDS = ("model", "image", "invert")
+_BOOLEAN = TypeAdapter(bool)  # what the JSON body's `invert` takes as text too: true/false, yes/no, on/off, 1/0, ...
+
+
+def form_fields(items: list[multipart_form.Item]) -> tuple[str, list[bytes], bool | None]:
+    """(model, image files, invert) from a form's items; 422 for a form that does not say one thing: a field the form
+    does not take (as the JSON body refuses one), `model` or `invert` given twice, an image sent as text."""
+    names = [name for name, _ in items]
+    if unknown := [name for name in names if name not in FORM_FIELDS]:
+        raise unprocessable(f"the form has a field {unknown[0][:100]!r}; it takes 'model', 'image' files and 'invert'")
+    for name in ("model", "invert"):
+        if names.count(name) > 1:
+            raise unprocessable(f"the form has {names.count(name)} {name!r} fields; give one")
+    fields = dict(items)
+    model, invert = fields.get("model"), fields.get("invert")
+    if not isinstance(model, str) or not model:
+        raise unprocessable("the form needs a 'model' field naming a served model")
+    images = [value for name, value in items if name == "image"]
+    if not images:
+        raise unprocessable("the form needs at least one file in an 'image' field")
+    files = [image for image in images if isinstance(image, bytes)]
+    if len(files) < len(images):
+        raise unprocessable("an 'image' field holds text, not a file: send each image as a file (curl -F image=@photo.jpg)")
+    return model, files, form_invert(invert)
+
+
+def form_invert(value: str | bytes | None) -> bool | None:
+    """The form's `invert`: absent, empty or "auto" is None (auto); else a boolean, read as in the JSON body."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        return None
+    try:
+        return _BOOLEAN.validate_python(value.strip() if isinstance(value, str) else None)
+    except ValidationError:
+        raise unprocessable("the form's 'invert' field is true, false or auto (or left out: auto)") from None
 
 
 async def form_items(request: Request, content_type: str, max_files: int) -> list[multipart_form.Item]:
@@ -275,13 +322,14 @@ async def get_model(name: str, runtime: RuntimeDep) -> ModelInfo:
 probes = APIRouter(tags=["operations"])
 
 
-@probes.get("/healthz", response_model=Health)
+# HEAD too: uptime monitors (UptimeRobot's default among them) probe with it.
+@probes.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health)
 async def healthz() -> Health:
     """The process is alive and its event loop answers."""
     return Health(status="ok")
 
 
-@probes.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+@probes.api_route("/readyz", methods=["GET", "HEAD"], response_model=Health, responses={503: {"model": Health}})
 async def readyz(request: Request) -> JSONResponse:
     """200 once every model has loaded and passed warm-up (see strict mode); 503 with the reason otherwise."""
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)

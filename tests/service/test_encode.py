@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import threading
 import time
 
@@ -104,9 +105,65 @@ async def test_an_undecodable_image_is_422_saying_so(client: httpx.AsyncClient) 
 
 async def test_a_form_without_model_or_image_says_what_is_missing(client: httpx.AsyncClient) -> None:
     no_model = await client.post("/encode", files={"image": ("x.png", png(), "image/png")})
-    no_image = await client.post("/encode", data={"model": "faces"}, files={"other": ("x.txt", b"x", "text/plain")})
-    assert no_model.status_code == 422 and "model" in no_model.json()["detail"]
-    assert no_image.status_code == 422 and "image" in no_image.json()["detail"]
+    model_only = b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nfaces\r\n--b--\r\n'
+    no_image = await client.post("/encode", content=model_only, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert no_model.status_code == 422 and "'model' field" in no_model.json()["detail"]
+    assert no_image.status_code == 422 and "'image' field" in no_image.json()["detail"]
+
+
+IMAGE = ("image", ("x.png", png(), "image/png"))
+
+
+@pytest.mark.parametrize(
+    ("fields", "files", "message"),
+    [
+        ({"model": "faces", "colour": "red"}, [IMAGE], "a field 'colour'; it takes 'model', 'image' files and 'invert'"),
+        ({"model": "faces"}, [IMAGE, ("images", ("y.png", png(), "image/png"))], "a field 'images'"),
+        ({"model": ["faces", "mnist"]}, [IMAGE], "2 'model' fields; give one"),
+        ({"model": "mnist", "invert": ["true", "false"]}, [IMAGE], "2 'invert' fields"),
+        ({"model": "mnist", "invert": "maybe"}, [IMAGE], "'invert' field is true, false or auto"),
+        ({"model": "faces", "image": "iVBORw0KGgo"}, [IMAGE], "holds text, not a file"),
+    ],
+    ids=["a field it does not take", "a file it does not take", "two models", "two inverts", "invert of another word",
+         "an image as text"],
+)
+async def test_a_form_that_does_not_say_one_thing_is_422_saying_what_to_fix(
+    client: httpx.AsyncClient, fields: dict[str, object], files: list[object], message: str
+) -> None:
+    """As the JSON body refuses a field it does not take, rather than guess which of two models was meant."""
+    r = await client.post("/encode", data=fields, files=files)
+    assert r.status_code == 422 and message in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize(("value", "invert"), [("true", True), ("Yes", True), ("1", True), ("on", True),
+                                               ("false", False), ("NO", False), ("0", False), ("auto", None), ("", None)])
+async def test_the_form_s_invert_reads_as_the_json_body_s(client: httpx.AsyncClient, value: str, invert: bool | None) -> None:
+    digit = png(np.full((28, 28), 230, dtype=np.uint8))  # a light image: auto inverts it
+    form = await client.post("/encode", data={"model": "mnist", "invert": value}, files={"image": ("d.png", digit, "image/png")})
+    body = await client.post("/encode", json={"model": "mnist", "images": [base64.b64encode(digit).decode()], "invert": invert})
+    assert form.status_code == body.status_code == 200
+    assert form.json()["mu"] == body.json()["mu"]
+
+
+async def test_a_broken_multipart_body_is_422_with_the_parser_s_reason(client: httpx.AsyncClient) -> None:
+    r = await client.post("/encode", content=b"garbage", headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 422
+    assert r.json()["detail"] == "could not read the multipart form: Invalid multipart data."  # no "400:" of its own
+
+
+@pytest.mark.parametrize("content_type", ["Multipart/Form-Data", "APPLICATION/JSON", "application/vnd.example+json"])
+async def test_media_types_are_read_whatever_their_case_as_on_the_other_routes(
+    client: httpx.AsyncClient, content_type: str
+) -> None:
+    if content_type.lower().startswith("multipart"):
+        request = client.build_request("POST", "/encode", data={"model": "mnist"}, files=[IMAGE])
+        params = request.headers["content-type"].partition(";")[2]
+        headers, content = {"content-type": f"{content_type};{params}"}, request.read()
+    else:
+        headers, content = {"content-type": content_type}, json.dumps(
+            {"model": "mnist", "images": [base64.b64encode(png()).decode()]}).encode()
+    r = await client.post("/encode", content=content, headers=headers)
+    assert r.status_code == 200, r.text
 
 
 async def test_too_many_images_is_422_with_the_limit(client: httpx.AsyncClient) -> None:

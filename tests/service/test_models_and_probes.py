@@ -36,6 +36,13 @@ async def test_health_and_readiness_once_models_are_warm(client: httpx.AsyncClie
     assert ready.json()["models"] == {"mnist": "ready", "faces": "ready"}
 
 
+async def test_the_probes_answer_head_as_get_without_a_body(client: httpx.AsyncClient) -> None:
+    """Uptime monitors often probe with HEAD."""
+    for path in ("/healthz", "/readyz"):
+        head, get = await client.head(path), await client.get(path)
+        assert head.status_code == get.status_code == 200 and head.content == b""
+
+
 async def test_readiness_is_503_until_the_models_have_loaded(settings: Settings) -> None:
     app = create_app(settings)
     async with app.router.lifespan_context(app):
