@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -370,5 +371,17 @@ def create_app(settings: Settings | None = None, *, wait_for_models: bool = Fals
         busy_routes, max_body_bytes=settings.max_body_bytes, max_bodies_bytes=settings.max_body_bytes_in_flight,
         max_connections=settings.max_connections, metrics=metrics,
     )
+    if origins := settings.cors_origin_list:
+        app.front = cors(app.front, origins)
     return app
+
+
+def cors(app: ASGIApp, origins: list[str]) -> ASGIApp:
+    """Starlette's CORS middleware in front of every route, the busy ones included: it answers a browser's preflight
+    (before the API key, which a preflight never carries) and marks the answers to `origins` as readable by their
+    pages, errors too. Pages may send the headers the API reads and read the ones it sets."""
+    return CORSMiddleware(
+        app, allow_origins=origins, allow_methods=["GET", "HEAD", "POST"],
+        allow_headers=["authorization", "content-type", "accept"], expose_headers=["x-seed", "retry-after"], max_age=600,
+    )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -62,7 +63,25 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer <key>' when set")
     api_key_file: Path | None = Field(None, description="read the API key from this file (a mounted secret)")
     metrics_require_key: bool = Field(False, description="also require the API key on /metrics")
+    cors_origins: str = Field(
+        "", description="the origins whose web pages may call the API from a browser (CORS): comma-separated, as "
+        "https://app.example.com or http://localhost:5173, or * for any; empty: none, and no CORS headers are sent",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """Lowercased, as browsers send an origin."""
+        return [origin.strip().lower() for origin in self.cors_origins.split(",") if origin.strip()]
+
+    @model_validator(mode="after")
+    def _check_cors_origins(self) -> Settings:
+        for origin in self.cors_origin_list:
+            # A browser sends its page's origin as scheme://host[:port]; one written with a path or a trailing slash
+            # would never match it, and every call from that page would fail in the browser with nothing in the log.
+            if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", origin):
+                raise ValueError(f"cors_origins: {origin[:100]!r} is not an origin: write scheme://host[:port], no path")
+        return self
 
     @model_validator(mode="after")
     def _read_key_file(self) -> Settings:

@@ -46,14 +46,14 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(ours)}
 
 
-def config(variant: str, profile: str | None = None) -> dict[str, Any]:
+def config(variant: str, profile: str | None = None, **variables: str) -> dict[str, Any]:
     """`compose config` of a variant: the files merged, variables filled in, validated by Compose itself."""
     args = [*compose_command(), "--project-directory", str(REPO)]
     for path in VARIANTS[variant]:
         args += ["-f", str(path)]
     if profile:
         args += ["--profile", profile]
-    merged = yaml.safe_load(run(*args, "config", env=clean_env()))
+    merged = yaml.safe_load(run(*args, "config", env=clean_env() | variables))
     assert isinstance(merged, dict)
     return merged
 
@@ -115,6 +115,16 @@ def test_every_port_is_published_on_localhost_by_default(variant: str) -> None:
     assert ports[service] == [("127.0.0.1", "8000")]
     assert ports["prometheus"] == [("127.0.0.1", "9090")]
     assert ports["grafana"] == [("127.0.0.1", "3000")]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_the_api_key_and_cors_origins_set_on_the_host_reach_the_service(variant: str) -> None:
+    """README: VAE_BIND=0.0.0.0 exposes the service, "set VAE_API_KEY then": it must reach the container."""
+    name = "vae-serve" if variant == "gpu" else "vae-serve-cpu"
+    unset = active(config(variant))[name]["environment"]
+    assert unset["VAE_API_KEY"] == unset["VAE_CORS_ORIGINS"] == ""  # no key, no CORS: the service's defaults
+    env = active(config(variant, VAE_API_KEY="s3cret", VAE_CORS_ORIGINS="https://app.example.com"))[name]["environment"]
+    assert env["VAE_API_KEY"] == "s3cret" and env["VAE_CORS_ORIGINS"] == "https://app.example.com"
 
 
 def test_models_are_mounted_read_only_where_the_image_looks() -> None:
