@@ -6,8 +6,10 @@ import asyncio
 import base64
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -149,3 +151,20 @@ def test_shipped_manifests_record_how_the_models_were_trained() -> None:
         assert m["training"]["commands"][0].startswith(f"python -m train {name}")
         assert m["data"]["train"]["files"] and m["metrics"]["epochs"] >= 1
         assert Path(SHIPPED / name / m["artifact"]["file"]).is_file()
+
+
+def test_the_readme_s_python_example_runs_as_written(server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's "From Python" block, run against this server in a folder that holds the photo it uploads."""
+    found = re.search(r"From Python.*?```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
+    assert found, "README has no 'From Python' example"
+    code = found.group(1)
+    assert 'base_url="http://127.0.0.1:8000"' in code  # the address `make serve` prints
+    Image.new("RGB", (120, 90), (180, 140, 120)).save(tmp_path / "me.jpg")
+    monkeypatch.chdir(tmp_path)
+    names: dict[str, Any] = {}
+    exec(code.replace("http://127.0.0.1:8000", server), names)
+    names["api"].close()
+    assert Image.open(tmp_path / "faces.png").size == (4 * (96 + 2) + 2,) * 2  # 16 faces, 4x4, 2 px apart
+    assert len(names["mu"]) == 128
+    assert Image.open(io.BytesIO(names["reconstruction"])).size == (96, 96)
+    assert [Image.open(io.BytesIO(png)).size for png in names["digits"]] == [(28, 28)] * 4
