@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import math
 import random
 from dataclasses import dataclass
@@ -239,10 +240,10 @@ def form_invert(value: str | bytes | None) -> bool | None:
     """The form's `invert`: absent, empty or "auto" is None (auto); else a boolean, read as in the JSON body."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
         return None
-    try:
-        return _BOOLEAN.validate_python(value.strip() if isinstance(value, str) else None)
-    except ValidationError:
-        raise unprocessable("the form's 'invert' field is true, false or auto (or left out: auto)") from None
+    if isinstance(value, str):  # not a file
+        with contextlib.suppress(ValidationError):
+            return _BOOLEAN.validate_python(value.strip())
+    raise unprocessable("the form's 'invert' field is true, false or auto (or left out: auto)")
 
 
 async def form_items(request: Request, content_type: str, max_files: int) -> list[multipart_form.Item]:
