@@ -28,8 +28,8 @@ def count_failure(metrics: Metrics, status: int) -> None:
         metrics.failures.labels(reason).inc()
 
 
-def log_request(method: str, path: str, model: str, status: int, seconds: float) -> None:
-    access_log.info(
-        "request",
-        extra={"method": method, "path": path[:200], "model": model, "status": status, "duration_ms": round(seconds * 1000, 2)},
-    )
+def log_request(method: str, path: str, model: str, status: int, seconds: float, request_id: bytes | None = None) -> None:
+    extra = {"method": method, "path": path[:200], "model": model, "status": status, "duration_ms": round(seconds * 1000, 2)}
+    if request_id:  # the client's X-Request-ID: its line among many
+        extra["request_id"] = request_id.decode("ascii")
+    access_log.info("request", extra=extra)

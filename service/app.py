@@ -92,17 +92,21 @@ class LimitsAndAccessLog:
         started = time.perf_counter()
         status = 500
         response_started = False
+        headers = dict(scope["headers"])
+        request_id = client_request_id(headers.get(b"x-request-id"))
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status, response_started = message["status"], True
+                if request_id:
+                    message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
             await send(message)
 
         received = 0
         client_gone = False
         try:
-            declared = max(0, int(dict(scope["headers"]).get(b"content-length", b"0") or 0))
+            declared = max(0, int(headers.get(b"content-length", b"0") or 0))
         except ValueError:
             declared = 0
         counted = 0  # of this request's body, in self.bodies_bytes
@@ -147,9 +151,9 @@ class LimitsAndAccessLog:
                 status = 408 if timed_out else CLIENT_CLOSED_REQUEST
             if runtime is not None:
                 runtime.active -= 1
-            self._observe(scope, status, time.perf_counter() - started)
+            self._observe(scope, status, time.perf_counter() - started, request_id)
 
-    def _observe(self, scope: Scope, status: int, seconds: float) -> None:
+    def _observe(self, scope: Scope, status: int, seconds: float, request_id: bytes | None) -> None:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"  # templates only: bounded label values
         model = str(scope.get("state", {}).get("model", ""))
@@ -164,7 +168,14 @@ class LimitsAndAccessLog:
         children[1].observe(seconds)
         count_failure(self.metrics, status)
         if endpoint not in ("/healthz", "/readyz", "/metrics") or status >= 400:
-            log_request(scope["method"], scope["path"], model, status, seconds)
+            log_request(scope["method"], scope["path"], model, status, seconds, request_id)
+
+
+def client_request_id(value: bytes | None) -> bytes | None:
+    """A client's (or its proxy's) X-Request-ID, to be echoed and logged: 1-200 printable ASCII characters, else none."""
+    if value and len(value) <= 200 and value.isascii() and value.decode("ascii").isprintable():
+        return value
+    return None
 
 
 class VaeServe(FastAPI):
@@ -382,6 +393,7 @@ def cors(app: ASGIApp, origins: list[str]) -> ASGIApp:
     pages, errors too. Pages may send the headers the API reads and read the ones it sets."""
     return CORSMiddleware(
         app, allow_origins=origins, allow_methods=["GET", "HEAD", "POST"],
-        allow_headers=["authorization", "content-type", "accept"], expose_headers=["x-seed", "retry-after"], max_age=600,
+        allow_headers=["authorization", "content-type", "accept", "x-request-id"],
+        expose_headers=["x-seed", "retry-after", "x-request-id"], max_age=600,
     )
 

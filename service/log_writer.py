@@ -79,7 +79,7 @@ def log_format(record: logging.LogRecord) -> str:
         "logger": record.name,
         "msg": record.getMessage(),
     }
-    for key in ("method", "path", "model", "status", "duration_ms", "ready", "models"):
+    for key in ("method", "path", "model", "status", "duration_ms", "request_id", "ready", "models"):
         if hasattr(record, key):
             payload[key] = getattr(record, key)
     if record.exc_info:
