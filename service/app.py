@@ -396,4 +396,3 @@ def cors(app: ASGIApp, origins: list[str]) -> ASGIApp:
         allow_headers=["authorization", "content-type", "accept", "x-request-id"],
         expose_headers=["x-seed", "retry-after", "x-request-id"], max_age=600,
     )
-

@@ -221,8 +221,8 @@ def form_fields(items: list[multipart_form.Item]) -> tuple[str, list[bytes], boo
     if unknown := [name for name in names if name not in FORM_FIELDS]:
         raise unprocessable(f"the form has a field {unknown[0][:100]!r}; it takes 'model', 'image' files and 'invert'")
     for name in ("model", "invert"):
-        if names.count(name) > 1:
-            raise unprocessable(f"the form has {names.count(name)} {name!r} fields; give one")
+        if (count := names.count(name)) > 1:
+            raise unprocessable(f"the form has {count} {name!r} fields; give one")
     fields = dict(items)
     model, invert = fields.get("model"), fields.get("invert")
     if not isinstance(model, str) or not model:
