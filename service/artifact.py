@@ -28,7 +28,7 @@ class ArtifactError(Exception):
 
 
 @contextmanager
-def _quiet_torchscript() -> Iterator[None]:
+def quiet_torchscript() -> Iterator[None]:
     """TorchScript is deprecated upstream but is our format; hide only that warning."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*TorchScript.*", category=DeprecationWarning)
@@ -72,7 +72,7 @@ class Artifact:
         """Load the module onto `device` in eval mode (after `read_artifact` verified its checksum)."""
         path = self.directory / self.manifest["artifact"]["file"]
         try:
-            with _quiet_torchscript():
+            with quiet_torchscript():
                 module = torch.jit.load(str(path), map_location=device)
         except Exception as exc:  # torch raises RuntimeError and friends for a corrupt file
             raise ArtifactError(f"{path.name} is not a loadable TorchScript file: {exc}") from exc
@@ -126,7 +126,7 @@ def write_artifact(module: torch.nn.Module, directory: Path, manifest: dict[str,
     """Script `module` (which must export `encode` and `decode`), save it and its manifest."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / TORCHSCRIPT_FILE
-    with _quiet_torchscript():
+    with quiet_torchscript():
         scripted = torch.jit.script(module.eval())
         scripted.save(str(path))
     full = {

@@ -20,7 +20,6 @@ import logging
 import math
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from service.artifact import quiet_torchscript
 from service.lanes import LANE_MIN_IMAGES, STEADY_BATCHES, Lanes
 from service.metrics import Metrics
 
@@ -42,11 +42,15 @@ LANE_SPLIT_S = 0.010
 
 class Deferred(Protocol):
     """Inputs made on the batch's thread, right before the model call, rather than on the event loop: len() rows,
-    called for the tensor (`routes.Prior`: a request's latents, drawn from its seed)."""
+    called for the tensor (`latents.Prior`: a request's latents, drawn from its seed). A batch's parts of one class are
+    made `together`, in one call (see `compute` on why fewer calls)."""
 
     def __len__(self) -> int: ...
 
     def __call__(self) -> Tensor: ...
+
+    @classmethod
+    def together(cls, parts: Sequence[Any]) -> Tensor: ...
 
 
 Inputs = Tensor | Deferred
@@ -75,8 +79,7 @@ def _all_finite(outputs: list[Tensor]) -> bool:
     return True
 
 
-with warnings.catch_warnings():  # torch 2.13 points TorchScript users to torch.compile; the artifacts are TorchScript
-    warnings.simplefilter("ignore", DeprecationWarning)
+with quiet_torchscript():
     all_finite: Callable[[list[Tensor]], bool] = torch.jit.script(_all_finite)
 
 
@@ -538,8 +541,7 @@ class Batcher:
     def _call_batch(self, parts: list[Inputs], thens: list[Then | None]) -> list[Any]:
         """On the batch's thread: make the parts' `Deferred` inputs, `_call` the parts as one batch, then split the
         outputs into each part's rows, put through its `then` if it has one."""
-        made = [part if isinstance(part, Tensor) else part() for part in parts]
-        outputs = self._call(torch.cat(made) if len(made) > 1 else made[0])  # torch.cat here: see runtime.py
+        outputs = self._call(_made(parts))
         answers: list[Any] = []
         offset = 0
         for part, then in zip(parts, thens, strict=True):
@@ -594,6 +596,15 @@ class Batcher:
         for item in queued:  # nobody will serve these now: answer them
             if not item.future.done():
                 item.future.set_exception(NotServing(reason))
+
+
+def _made(parts: list[Inputs]) -> Tensor:
+    """A batch's inputs from its parts, on its thread: `Deferred` parts all of one class made together."""
+    first = parts[0]
+    if not isinstance(first, Tensor) and all(type(part) is type(first) for part in parts):
+        return first.together(parts)
+    made = [part if isinstance(part, Tensor) else part() for part in parts]
+    return torch.cat(made) if len(made) > 1 else made[0]  # torch.cat here: see runtime.py
 
 
 def _shutting_down() -> NotServing:

@@ -7,7 +7,6 @@ import binascii
 import contextlib
 import math
 import random
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import torch
@@ -23,6 +22,7 @@ from starlette.requests import ClientDisconnect
 from service import multipart_form
 from service.batcher import NotServing
 from service.imaging import ImageError
+from service.latents import Prior
 from service.runtime import Runtime
 from service.schemas import (
     DecodeRequest,
@@ -66,29 +66,6 @@ def wants_json(request: Request) -> bool:
 
 def unprocessable(message: str) -> HTTPException:
     return HTTPException(status_code=422, detail=message)
-
-
-@dataclass(frozen=True)
-class Prior:
-    """A request's latents, drawn from its seed when called: N(0, temperature^2 I). For a one-image PNG answer they
-    are drawn on the batch's thread (`batcher.Deferred`), not the event loop, where each of the three torch calls
-    lets go of the GIL and under load waits to take it back: mnist at 64 connections 2,940 -> 3,216 and 3,867 ->
-    3,938 requests/s with 5-7% less CPU (alternating servers, 4 rounds each); faces the same, its lanes set its pace
-    (bench/README.md). The same numbers on any thread: the request's own generator."""
-
-    seed: int
-    n: int
-    latent_dim: int
-    temperature: float = 1.0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __call__(self) -> torch.Tensor:
-        z = torch.randn(self.n, self.latent_dim, generator=torch.Generator().manual_seed(self.seed))
-        if self.temperature != 1.0:
-            z *= self.temperature
-        return z
 
 
 async def images_response(

@@ -253,27 +253,57 @@ async def test_large_requests_are_split_so_no_batch_exceeds_the_limit() -> None:
     await b.stop()
 
 
-async def test_deferred_inputs_are_made_on_the_batch_s_thread_unless_they_must_be_split_first() -> None:
-    made_on: list[str] = []
+def deferred_rows() -> tuple[list[tuple[str, int]], type]:
+    """A `batcher.Deferred` class, `Rows(rows, value)`, and the calls that made its inputs: (thread, parts made)."""
+    made: list[tuple[str, int]] = []
 
-    class Ones:  # a batcher.Deferred
-        def __init__(self, rows: int) -> None:
-            self.rows = rows
+    class Rows:
+        def __init__(self, rows: int, value: float = 1.0) -> None:
+            self.rows, self.value = rows, value
 
         def __len__(self) -> int:
             return self.rows
 
         def __call__(self) -> torch.Tensor:
-            made_on.append(threading.current_thread().name)
-            return torch.ones(self.rows, 1)
+            return self.together([self])
 
+        @classmethod
+        def together(cls, parts: list[Rows]) -> torch.Tensor:
+            made.append((threading.current_thread().name, len(parts)))
+            return torch.cat([torch.full((p.rows, 1), p.value) for p in parts])
+
+    return made, Rows
+
+
+async def test_deferred_inputs_are_made_on_the_batch_s_thread_unless_they_must_be_split_first() -> None:
+    made, Rows = deferred_rows()
     rec = Recorder()
     b = make(rec)
     for rows in (3, 20):  # one batch; then more than the batch limit: made here, and split
-        (out,) = await b.submit(Ones(rows), timeout_s=5)
+        (out,) = await b.submit(Rows(rows), timeout_s=5)
         assert out.squeeze(1).tolist() == [2.0] * rows
     here = threading.current_thread().name
-    assert made_on[0] != here and made_on[1] == here and rec.sizes == [3, 8, 8, 4]
+    assert made[0][0] != here and made[1][0] == here and rec.sizes == [3, 8, 8, 4]
+    await b.stop()
+
+
+async def test_deferred_inputs_of_one_class_in_a_batch_are_made_together_in_one_call() -> None:
+    """One call for the batch (`latents.Prior`: the latents of all its requests), each part's rows still its own; a
+    batch that mixes them with tensors makes each part in turn."""
+    made, Rows = deferred_rows()
+    rec, b = held()
+    for second in (Rows(2, 2.0), torch.full((2, 1), 2.0)):
+        busy = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=5))  # holds the model thread
+        await asyncio.sleep(0.01)
+        queued = [asyncio.create_task(b.submit(part, timeout_s=5)) for part in (Rows(1, 1.0), second, Rows(3, 3.0))]
+        await asyncio.sleep(0.01)
+        rec.release.set()
+        outs = await asyncio.gather(*queued)
+        await busy
+        assert [out.squeeze(1).tolist() for (out,) in outs] == [[2.0], [4.0, 4.0], [6.0, 6.0, 6.0]]
+        rec.release.clear()
+    assert rec.sizes == [1, 6, 1, 6]
+    assert [parts for _, parts in made] == [3, 1, 1]
     await b.stop()
 
 
