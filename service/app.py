@@ -93,14 +93,13 @@ class LimitsAndAccessLog:
         status = 500
         response_started = False
         headers = dict(scope["headers"])
-        request_id = client_request_id(headers.get(b"x-request-id"))
+        request_id = client_request_id(headers.get(b"x-request-id")) or secrets.token_hex(8).encode()
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status, response_started = message["status"], True
-                if request_id:
-                    message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
             await send(message)
 
         received = 0
@@ -153,7 +152,7 @@ class LimitsAndAccessLog:
                 runtime.active -= 1
             self._observe(scope, status, time.perf_counter() - started, request_id)
 
-    def _observe(self, scope: Scope, status: int, seconds: float, request_id: bytes | None) -> None:
+    def _observe(self, scope: Scope, status: int, seconds: float, request_id: bytes) -> None:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"  # templates only: bounded label values
         model = str(scope.get("state", {}).get("model", ""))
@@ -172,7 +171,8 @@ class LimitsAndAccessLog:
 
 
 def client_request_id(value: bytes | None) -> bytes | None:
-    """A client's (or its proxy's) X-Request-ID, to be echoed and logged: 1-200 printable ASCII characters, else none."""
+    """A client's (or its proxy's) X-Request-ID, to be echoed and logged: 1-200 printable ASCII characters, else none
+    (the request gets one of the server's own, 16 random hex digits)."""
     if value and len(value) <= 200 and value.isascii() and value.decode("ascii").isprintable():
         return value
     return None

@@ -22,9 +22,10 @@ the server's connections or its memory.
   connections opened before it are served as ever: a flood of new connections does not take the server from the
   clients it serves. (uvicorn's own limit answered every request with 503 while the count was over.)
 
-The answers given here (400, 408, 431) are JSON `{"detail": ...}` as the app's are, and are logged and counted as the
-app's are (the access line; `vae_requests_total` with the endpoint "unparsed", `vae_failures_total`): uvicorn answered
-its 400 in plain text, seen only in a warning (which says less than the access line, and is now left out of the log).
+The answers given here (400, 408, 431) are JSON `{"detail": ...}` as the app's are, with an X-Request-ID of the
+server's own, and are logged and counted as the app's are (the access line; `vae_requests_total` with the endpoint
+"unparsed", `vae_failures_total`): uvicorn answered its 400 in plain text, seen only in a warning (which says less than
+the access line, and is now left out of the log).
 `sweep`, from the server's tick, checks every connection for the first two about once a second.
 """
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import sys
 from collections.abc import Iterable
 
@@ -107,22 +109,26 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def close_with(self, status: int, detail: str) -> None:
         """Answer a request the app never saw, log and count it as the app does its answers, and close."""
-        self.answer_and_close(status, detail)
+        request_id = self.answer_and_close(status, detail)
         if self.metrics is not None:
             self.metrics.requests.labels(UNPARSED, "", str(status)).inc()
             count_failure(self.metrics, status)
         method = (self.scope or {}).get("method", "")  # what of the head was parsed: its method once all of it was
-        log_request(method, getattr(self, "url", b"")[:200].decode("latin-1"), "", status, 0.0)
+        log_request(method, getattr(self, "url", b"")[:200].decode("latin-1"), "", status, 0.0, request_id)
 
-    def answer_and_close(self, status: int, detail: str) -> None:
-        """`status` with `detail` as JSON, as the app answers its errors, and the connection closed after it."""
+    def answer_and_close(self, status: int, detail: str) -> bytes:
+        """`status` with `detail` as JSON, as the app answers its errors, and the connection closed after it; its
+        X-Request-ID (the server's own: the client's may not have been read) is returned."""
         body = json.dumps({"detail": detail}).encode()
+        request_id = secrets.token_hex(8).encode()
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             head.extend([name, b": ", value, b"\r\n"])
-        head.append(b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body))
+        head.append(b"content-type: application/json\r\nconnection: close\r\nx-request-id: %s\r\n" % request_id)
+        head.append(b"content-length: %d\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+        return request_id
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()

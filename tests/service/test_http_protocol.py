@@ -179,7 +179,8 @@ async def test_what_is_not_http_gets_400_that_says_why_and_is_logged_and_counted
         answer, _ = await exchange(port, request_bytes)
     assert answer.startswith(b"HTTP/1.1 400 ") and b"connection: close" in answer
     assert "not valid HTTP/1.1" in detail(answer) and reason in detail(answer)
-    assert [record.status for record in caplog.records if record.name == "vae_serve.access"] == [400]  # type: ignore[attr-defined]
+    (line,) = [record for record in caplog.records if record.name == "vae_serve.access"]
+    assert line.status == 400 and f"x-request-id: {line.request_id}\r\n".encode() in answer  # type: ignore[attr-defined]
     assert [record.name for record in caplog.records if record.levelno >= logging.WARNING] == []  # not uvicorn's as well
     metrics = served.config.app.state.metrics  # type: ignore[union-attr]
     assert metrics.requests.labels("unparsed", "", "400")._value.get() == 1
