@@ -23,6 +23,7 @@ def config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         # X-Forwarded-* would only change a request's client address and scheme, which nothing here reads: without
         # uvicorn's middleware for them every request takes one pass less (app.VaeServe)
         proxy_headers=False,
+        server_header=False,  # "server: uvicorn" on every answer tells a scanner what to try, and a client nothing
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),  # int(0.5) or None would wait forever
         # No limit_concurrency: uvicorn counts its request tasks against it too, and a task answered stays in that count
         # until the next pass of the event loop. A batch answers many requests in one pass and their clients send again

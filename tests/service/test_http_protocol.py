@@ -208,3 +208,13 @@ def test_the_server_reads_requests_with_the_guarded_protocol() -> None:
     loaded.load()
     assert loaded.http_protocol_class.__name__ == "GuardedHttpProtocol"
     assert issubclass(loaded.http_protocol_class, uvicorn.protocols.http.httptools_impl.HttpToolsProtocol)
+
+
+async def test_an_answer_carries_its_date_and_its_request_id_but_names_no_server_software(
+    server: tuple[int, DrainingServer],
+) -> None:
+    port, _ = server
+    answer, _ = await exchange(port, sample_request(b'{"model": "faces"}') + b'{"model": "faces"}')
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 200 ") and b"\r\ndate: " in head and b"\r\nx-request-id: " in head
+    assert b"\r\nserver:" not in head
