@@ -36,10 +36,11 @@ class Prior:
         return draw([p.seed for p in priors], [p.n for p in priors], priors[0].latent_dim, [p.temperature for p in priors])
 
 
-# One TorchScript call for a batch's draws: three torch calls a request from Python (a generator, its seed, randn) each
-# let go of the GIL, 72 hand-overs for a batch of 24 mnist digits, and a lane waits to take each back from the event
-# loop. Drawn in one call, mnist's batches at 64 connections took 7.7 ms instead of 9.3 (bench/README.md, *A batch's
-# latents in one call*). TorchScript's generator and randn are torch's own: the same numbers.
+# One TorchScript call for a batch's draws. From Python each request's randn lets go of the GIL (its generator and seed
+# do not), 24 hand-overs for a batch of 24 mnist digits, and a lane waits to take each back from the event loop: with
+# a thread busy beside it, a randn of 20 numbers took 5 ms, a switch interval. Drawn in one call, mnist's batches at
+# 64 connections took 7.7 ms instead of 9.3 (bench/README.md, *A batch's latents in one call*). TorchScript's
+# generator and randn are torch's own: the same numbers.
 def _draw(seeds: list[int], sizes: list[int], latent_dim: int, temperatures: list[float]) -> torch.Tensor:
     rows: list[torch.Tensor] = []
     for seed, n, temperature in zip(seeds, sizes, temperatures):  # noqa: B905 (TorchScript: no strict=)
