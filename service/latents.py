@@ -28,11 +28,17 @@ class Prior:
         return self.n
 
     def __call__(self) -> torch.Tensor:
-        return draw([self.seed], [self.n], self.latent_dim, [self.temperature])
+        z = torch.randn(self.n, self.latent_dim, generator=torch.Generator().manual_seed(self.seed))
+        if self.temperature != 1.0:
+            z *= self.temperature
+        return z
 
     @classmethod
     def together(cls, priors: Sequence[Prior]) -> torch.Tensor:
-        """The latents of `priors` (of one model) in a row, each from its own seed."""
+        """The latents of `priors` (of one model) in a row, each from its own seed: one request's from Python (5 us
+        instead of TorchScript's 10), several in one TorchScript call (`draw`)."""
+        if len(priors) == 1:
+            return priors[0]()
         return draw([p.seed for p in priors], [p.n for p in priors], priors[0].latent_dim, [p.temperature for p in priors])
 
 
