@@ -300,14 +300,17 @@ async def get_model(name: str, runtime: RuntimeDep) -> ModelInfo:
 probes = APIRouter(tags=["operations"])
 
 
-# HEAD too: uptime monitors (UptimeRobot's default among them) probe with it.
-@probes.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health)
+# HEAD too: uptime monitors (UptimeRobot's default among them) probe with it. A route of its own, out of the OpenAPI
+# schema: one route for both methods gave the two operations one operationId, which client generators refuse.
+@probes.head("/healthz", include_in_schema=False)
+@probes.get("/healthz", response_model=Health)
 async def healthz() -> Health:
     """The process is alive and its event loop answers."""
     return Health(status="ok")
 
 
-@probes.api_route("/readyz", methods=["GET", "HEAD"], response_model=Health, responses={503: {"model": Health}})
+@probes.head("/readyz", include_in_schema=False)
+@probes.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 async def readyz(request: Request) -> JSONResponse:
     """200 once every model has loaded and passed warm-up (see strict mode); 503 with the reason otherwise."""
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)

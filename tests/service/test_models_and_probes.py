@@ -93,3 +93,10 @@ async def test_openapi_docs_have_an_example_for_every_request_body(client: httpx
         assert "application/json" in content
         dumped = str(content) + str(spec.get("components", {}))
         assert "example" in dumped, path
+
+
+async def test_every_operation_in_the_openapi_docs_has_an_operation_id_of_its_own(client: httpx.AsyncClient) -> None:
+    """Client generators (openapi-generator, openapi-typescript-codegen) refuse a schema that repeats one."""
+    spec = (await client.get("/openapi.json")).json()
+    ids = [operation["operationId"] for methods in spec["paths"].values() for operation in methods.values()]
+    assert len(ids) == len(set(ids)) and {"/healthz", "/readyz"} <= set(spec["paths"])
