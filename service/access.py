@@ -6,6 +6,7 @@ the two keep one line format and one set of reasons."""
 from __future__ import annotations
 
 import logging
+import secrets
 
 from service.metrics import Metrics
 
@@ -28,8 +29,16 @@ def count_failure(metrics: Metrics, status: int) -> None:
         metrics.failures.labels(reason).inc()
 
 
-def log_request(method: str, path: str, model: str, status: int, seconds: float, request_id: bytes | None = None) -> None:
-    extra = {"method": method, "path": path[:200], "model": model, "status": status, "duration_ms": round(seconds * 1000, 2)}
-    if request_id:  # the client's X-Request-ID: its line among many
-        extra["request_id"] = request_id.decode("ascii")
-    access_log.info("request", extra=extra)
+def request_id_from(sent: bytes | None) -> bytes:
+    """A request's X-Request-ID, echoed in its answer and written in its access line: the one its client (or a proxy)
+    sent, if that is 1-200 printable ASCII characters, else 16 random hex digits of the server's own."""
+    if sent and len(sent) <= 200 and sent.isascii() and sent.decode("ascii").isprintable():
+        return sent
+    return secrets.token_hex(8).encode()
+
+
+def log_request(method: str, path: str, model: str, status: int, seconds: float, request_id: bytes) -> None:
+    access_log.info("request", extra={
+        "method": method, "path": path[:200], "model": model, "status": status, "duration_ms": round(seconds * 1000, 2),
+        "request_id": request_id.decode("ascii"),  # its line among many
+    })

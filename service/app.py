@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.access import CLIENT_CLOSED_REQUEST, count_failure, log_request
+from service.access import CLIENT_CLOSED_REQUEST, count_failure, log_request, request_id_from
 from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
 from service.fastpath import LeanRoutes
 from service.http_protocol import OVER_LIMIT, TIMED_OUT
@@ -93,7 +93,7 @@ class LimitsAndAccessLog:
         status = 500
         response_started = False
         headers = dict(scope["headers"])
-        request_id = client_request_id(headers.get(b"x-request-id")) or secrets.token_hex(8).encode()
+        request_id = request_id_from(headers.get(b"x-request-id"))
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, response_started
@@ -168,14 +168,6 @@ class LimitsAndAccessLog:
         count_failure(self.metrics, status)
         if endpoint not in ("/healthz", "/readyz", "/metrics") or status >= 400:
             log_request(scope["method"], scope["path"], model, status, seconds, request_id)
-
-
-def client_request_id(value: bytes | None) -> bytes | None:
-    """A client's (or its proxy's) X-Request-ID, to be echoed and logged: 1-200 printable ASCII characters, else none
-    (the request gets one of the server's own, 16 random hex digits)."""
-    if value and len(value) <= 200 and value.isascii() and value.decode("ascii").isprintable():
-        return value
-    return None
 
 
 class VaeServe(FastAPI):

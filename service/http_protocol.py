@@ -34,13 +34,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import sys
 from collections.abc import Iterable
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.access import count_failure, log_request
+from service.access import count_failure, log_request, request_id_from
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -118,9 +117,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def answer_and_close(self, status: int, detail: str) -> bytes:
         """`status` with `detail` as JSON, as the app answers its errors, and the connection closed after it; its
-        X-Request-ID (the server's own: the client's may not have been read) is returned."""
+        X-Request-ID is returned."""
         body = json.dumps({"detail": detail}).encode()
-        request_id = secrets.token_hex(8).encode()
+        request_id = request_id_from(None)  # the request's own header may not have been read
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             head.extend([name, b": ", value, b"\r\n"])
