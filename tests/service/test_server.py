@@ -3,44 +3,114 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
+from service import server
 from service.app import create_app
-from service.server import IDLE_AFTER_S, DrainingServer
+from service.http_protocol import IDLE_AFTER_S
 from service.settings import Settings
 from tests.service.tools import healthz_status
 
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
-async def test_the_app_learns_how_many_client_connections_are_active(tmp_path: Any) -> None:
-    app = create_app(Settings(model_dir=tmp_path))
-    server = DrainingServer(uvicorn.Config(app))
-    assert app.state.active_connections() == 0
-    server.server_state.connections.update(object() for _ in range(3))  # type: ignore[misc]  # three, in requests
-    assert app.state.active_connections() == 3
+
+@asynccontextmanager
+async def serving(tmp_path: Any) -> AsyncIterator[tuple[FastAPI, int]]:
+    """A real uvicorn with vae-serve's protocol on a free port (its keep-alive timer is what tells an idle connection
+    from an active one): the app and the port."""
+    app = create_app(Settings(model_dir=tmp_path, port=0))
+    config = server.config(app, Settings(model_dir=tmp_path, port=0))
+    config.lifespan = "off"
+    running = server.DrainingServer(config)
+    task = asyncio.create_task(running.serve())
+    while not running.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield app, running.servers[0].sockets[0].getsockname()[1]
+    finally:
+        running.should_exit = True
+        await task
+
+
+async def settled(seconds: float = 0.05) -> None:
+    await asyncio.sleep(seconds)  # for the server's loop to take what the clients did
+
+
+async def test_a_new_connection_is_active_until_it_closes(tmp_path: Any) -> None:
+    async with serving(tmp_path) as (app, port):
+        assert app.state.active_connections() == 0
+        connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        await settled()
+        assert app.state.active_connections() == 3  # their first requests may come at any moment
+        connections[0][1].close()
+        await settled()
+        assert app.state.active_connections() == 2
 
 
 async def test_a_connection_answered_a_moment_ago_is_active_one_idle_since_is_not_and_a_new_request_wakes_it(
     tmp_path: Any,
 ) -> None:
-    # a real uvicorn: its keep-alive timer is what tells an idle connection from an active one
-    app = create_app(Settings(model_dir=tmp_path))
-    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="off"))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
+    async with serving(tmp_path) as (app, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert await healthz_status(reader, writer) == b"200"
         assert app.state.active_connections() == 1  # its client may send again at once
         await asyncio.sleep(IDLE_AFTER_S * 4)
         assert app.state.active_connections() == 0  # idle: a wait for company would wait for nobody
         writer.write(b"GET /healthz HTTP/1.1\r\n")  # the next request, begun
-        await asyncio.sleep(0.05)
+        await settled()
         assert app.state.active_connections() == 1
-    finally:
         writer.close()
-        server.should_exit = True
-        await serving
+        await settled()
+        assert app.state.active_connections() == 0
+
+
+async def test_the_count_follows_many_connections_answered_idle_closed_and_woken(tmp_path: Any) -> None:
+    async with serving(tmp_path) as (app, port):
+        connections: list[Connection] = [await asyncio.open_connection("127.0.0.1", port) for _ in range(12)]
+        for reader, writer in connections:
+            assert await healthz_status(reader, writer) == b"200"
+        await asyncio.sleep(IDLE_AFTER_S * 4)
+        assert app.state.active_connections() == 0  # all idle
+        for _, writer in connections[:4]:
+            writer.close()  # closed while idle
+        for _, writer in connections[4:7]:
+            writer.write(b"GET /healthz HTTP/1.1\r\n")  # woken, their requests not all in yet
+        await settled()
+        assert app.state.active_connections() == 3
+        for _, writer in connections[4:6]:
+            writer.close()  # closed in a request
+        await settled()
+        assert app.state.active_connections() == 1
+        reader, writer = connections[7]
+        assert await healthz_status(reader, writer) == b"200"  # answered just now: active for a moment
+        assert app.state.active_connections() == 2
+        await asyncio.sleep(IDLE_AFTER_S * 4)
+        assert app.state.active_connections() == 1
+
+
+async def test_requests_pipelined_on_one_connection_count_it_once(tmp_path: Any) -> None:
+    async with serving(tmp_path) as (app, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n" * 3)  # sent before any answer
+        for _ in range(3):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.startswith(b"content-length"))
+            await reader.readexactly(length)
+        assert app.state.active_connections() == 1
+        await asyncio.sleep(IDLE_AFTER_S * 4)
+        assert app.state.active_connections() == 0
+        writer.close()
+        await settled()
+        assert app.state.active_connections() == 0
+
+
+async def test_the_app_is_told_nothing_on_another_protocol(tmp_path: Any) -> None:
+    # its batchers then wait for company only where other requests were queued with theirs
+    app = create_app(Settings(model_dir=tmp_path))
+    server.DrainingServer(uvicorn.Config(app))
+    assert not hasattr(app.state, "active_connections")
