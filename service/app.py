@@ -326,6 +326,7 @@ def create_app(settings: Settings | None = None, *, wait_for_models: bool = Fals
     `wait_for_models`, the lifespan's startup waits for them, and the server accepts connections only then."""
     settings = settings or Settings()
     metrics = Metrics()
+    metrics.connections_max.set(settings.max_connections)  # counted against by the protocol (http_protocol.py)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -149,12 +149,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.activity.opened(self)
+        if self.metrics is not None:
+            self.metrics.connections_open.inc()
         self.reading_since = self.loop.time()  # its first request is due from now
         if len(self.connections) > self.max_connections:  # this one included
             self.opened_over_limit = len(self.connections)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.activity.closed(self)
+        if self.metrics is not None:
+            self.metrics.connections_open.dec()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:

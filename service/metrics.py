@@ -77,6 +77,14 @@ class Metrics:
         self.failures = Counter(
             "vae_failures_total", "failed requests by reason: rejected, timeout, invalid, internal, disconnected", ["reason"], registry=r
         )
+        self.connections_open = Gauge(
+            "vae_connections_open", "client connections open; requests on those beyond vae_connections_max get 503",
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.connections_max = Gauge(
+            "vae_connections_max", "client connections served at once (VAE_MAX_CONNECTIONS, per worker: summed)",
+            registry=r, multiprocess_mode="livesum",
+        )
         self.connections_timed_out = Counter(
             "vae_connections_timed_out_total", "connections closed because their request did not come, or their answer "
             "was not read, in time (VAE_READ_TIMEOUT_S): silent or slow clients", registry=r,

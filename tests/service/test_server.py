@@ -109,6 +109,19 @@ async def test_requests_pipelined_on_one_connection_count_it_once(tmp_path: Any)
         assert app.state.active_connections() == 0
 
 
+async def test_the_metrics_show_the_open_connections_against_their_limit(tmp_path: Any) -> None:
+    async with serving(tmp_path) as (app, port):
+        registry = app.state.metrics.registry
+        assert registry.get_sample_value("vae_connections_max") == Settings().max_connections
+        assert registry.get_sample_value("vae_connections_open") == 0
+        connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        await settled()
+        assert registry.get_sample_value("vae_connections_open") == 3
+        connections[0][1].close()
+        await settled()
+        assert registry.get_sample_value("vae_connections_open") == 2
+
+
 async def test_the_app_is_told_nothing_on_another_protocol(tmp_path: Any) -> None:
     # its batchers then wait for company only where other requests were queued with theirs
     app = create_app(Settings(model_dir=tmp_path))
