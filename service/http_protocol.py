@@ -135,6 +135,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     read_timeout_s = 10.0
     metrics: Metrics | None = None
     activity = Activity()  # one per server: guarded_protocol makes a class of its own for each
+    _counted = False  # in `activity` and vae_connections_open
     _busy = False
     _answer: tuple[float, GuardedHttpProtocol] | None = None
     opened_over_limit = 0  # the open connections when this one opened, where that was over max_connections; else 0
@@ -149,6 +150,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.activity.opened(self)
+        self._counted = True
         if self.metrics is not None:
             self.metrics.connections_open.inc()
         self.reading_since = self.loop.time()  # its first request is due from now
@@ -156,10 +158,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.opened_over_limit = len(self.connections)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.activity.closed(self)
-        if self.metrics is not None:
-            self.metrics.connections_open.dec()
+        self._uncount()
         super().connection_lost(exc)
+
+    def handle_websocket_upgrade(self) -> None:
+        """uvicorn hands the connection to its WebSocket protocol (which refuses it: the app has no WebSocket routes),
+        and this protocol hears nothing of it again: no longer counted here."""
+        self._uncount()
+        super().handle_websocket_upgrade()
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.activity.closed(self)
+            if self.metrics is not None:
+                self.metrics.connections_open.dec()
 
     def data_received(self, data: bytes) -> None:
         if not self._busy:

@@ -122,6 +122,20 @@ async def test_the_metrics_show_the_open_connections_against_their_limit(tmp_pat
         assert registry.get_sample_value("vae_connections_open") == 2
 
 
+async def test_a_connection_handed_to_websockets_is_no_longer_counted(tmp_path: Any) -> None:
+    async with serving(tmp_path) as (app, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /healthz HTTP/1.1\r\nhost: test\r\nupgrade: websocket\r\nconnection: upgrade\r\n"
+            b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+        )
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 403")  # no WebSocket routes
+        writer.close()
+        await settled()
+        assert app.state.active_connections() == 0  # else every lone request would wait for a client that is gone
+        assert app.state.metrics.registry.get_sample_value("vae_connections_open") == 0
+
+
 async def test_the_app_is_told_nothing_on_another_protocol(tmp_path: Any) -> None:
     # its batchers then wait for company only where other requests were queued with theirs
     app = create_app(Settings(model_dir=tmp_path))
