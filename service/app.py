@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access import CLIENT_CLOSED_REQUEST, count_failure, log_request, request_id_from
 from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
-from service.fastpath import LeanRoutes
+from service.fastpath import DirectSample, LeanRoutes
 from service.http_protocol import OVER_LIMIT, TIMED_OUT
 from service.metrics import Metrics
 from service.routes import is_json, media_type, metrics_router, probes, router
@@ -150,9 +150,10 @@ class LimitsAndAccessLog:
                 status = 408 if timed_out else CLIENT_CLOSED_REQUEST
             if runtime is not None:
                 runtime.active -= 1
-            self._observe(scope, status, time.perf_counter() - started, request_id)
+            self.observe(scope, status, time.perf_counter() - started, request_id)
 
-    def _observe(self, scope: Scope, status: int, seconds: float, request_id: bytes) -> None:
+    def observe(self, scope: Scope, status: int, seconds: float, request_id: bytes) -> None:
+        """A request's metrics and access line (fastpath.DirectSample's too)."""
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"  # templates only: bounded label values
         model = str(scope.get("state", {}).get("model", ""))
@@ -371,12 +372,14 @@ def create_app(settings: Settings | None = None, *, wait_for_models: bool = Fals
     app.include_router(metrics_router, dependencies=auth if settings.metrics_require_key else [])
     _install_error_handlers(app)
     busy_routes = LeanRoutes(app.behind_front, fastapi=app, key_matches=key_matches)
-    app.front = LimitsAndAccessLog(
+    app.front = limits = LimitsAndAccessLog(
         busy_routes, max_body_bytes=settings.max_body_bytes, max_bodies_bytes=settings.max_body_bytes_in_flight,
         max_connections=settings.max_connections, metrics=metrics,
     )
     if origins := settings.cors_origin_list:
         app.front = cors(app.front, origins)
+    # server.config hands it to the HTTP protocol
+    app.state.direct = DirectSample(app, busy_routes, limits.observe, key_matches, cors=bool(origins))
     return app
 
 

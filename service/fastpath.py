@@ -14,6 +14,7 @@ models still loading. So every answer a client can get is FastAPI's, only faster
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,7 +27,9 @@ from service import routes
 from service.runtime import Runtime
 from service.schemas import DecodeRequest, InterpolateRequest, SampleRequest
 
+log = logging.getLogger(__name__)
 Route = Callable[[Any, Request, Runtime], Awaitable[Response]]
+Observe = Callable[[Scope, int, float, bytes], None]  # app.LimitsAndAccessLog's: metrics and the access line
 ROUTES: dict[str, tuple[type[BaseModel], Route]] = {
     "/sample": (SampleRequest, routes.sample),
     "/decode": (DecodeRequest, routes.decode),
@@ -132,3 +135,74 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return replay
+
+
+class DirectSample:
+    """POST /sample with a small JSON body, answered from the HTTP protocol (`http_protocol.GuardedHttpProtocol`)
+    rather than through uvicorn's ASGI cycle and the app's middleware. The route, its validation, the app's exception
+    handlers, the metrics, the access line and the X-Request-ID are the app's own; what is left out is uvicorn's
+    request cycle and task, the ASGI messages and the middleware's wrappers, and the answer goes out in one write. On
+    2 cores, alternating servers (6 rounds each; bench/README.md): faces at 64 connections 1,347 -> 1,431 images/s
+    (faster in 6 of 6), mnist 5,192 -> 6,471 requests/s (5 of 6), a lone mnist client 1,762 -> 1,921 (6 of 6).
+
+    The protocol asks `takes` once a request's head is in, holding uvicorn's handling of it back, then `parse` once its
+    body is. A request declined at either step (another method or path, a query string, no JSON content type, no
+    Content-Length or a body over `max_body`, a wrong API key, an Origin where the server answers CORS, models
+    loading, a body that is not valid) goes to uvicorn and the app as if it had never been held, so every answer but
+    the common one is the app's as ever. A body this small is not counted against VAE_MAX_BODY_BYTES_IN_FLIGHT: at
+    most VAE_MAX_CONNECTIONS of them, 4 MiB at the default."""
+
+    path = b"/sample"
+    max_body = 4096
+
+    def __init__(
+        self, fastapi: FastAPI, lean: LeanRoutes, observe: Observe, key_matches: Callable[[str], bool] | None, cors: bool
+    ) -> None:
+        self.fastapi, self.lean, self.observe, self.key_matches, self.cors = fastapi, lean, observe, key_matches, cors
+        self.route = lean.routes["/sample"]
+        self.max_body = min(self.max_body, fastapi.state.settings.max_body_bytes)
+
+    def takes(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+        """From the request's head (header names in lower case, as uvicorn keeps them)."""
+        if method != b"POST" or url != self.path or getattr(self.fastapi.state, "runtime", None) is None:
+            return False
+        length = content_type = None
+        authorization = b""
+        for name, value in headers:
+            if name == b"content-length":
+                length = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"authorization":
+                authorization = value
+            elif name == b"transfer-encoding" or (name == b"origin" and self.cors):
+                return False
+        if length is None or not length.isdigit() or int(length) > self.max_body:
+            return False
+        if content_type is None or not content_type.startswith(b"application/json"):
+            return False
+        return self.key_matches is None or self.key_matches(authorization.decode("latin-1"))
+
+    def parse(self, body: bytes) -> SampleRequest | None:
+        """The request's body, or None where it is not valid: the app answers it (FastAPI's 422, worded as ever)."""
+        try:
+            return SampleRequest.model_validate_json(body)
+        except ValidationError:
+            return None
+
+    async def answer(self, scope: Scope, parsed: SampleRequest) -> Response:
+        """The route's answer, or the app's exception handlers' answer to what it raised."""
+        scope["app"], scope["route"] = self.fastapi, self.route
+        request = Request(scope)
+        runtime: Runtime = self.fastapi.state.runtime
+        runtime.active += 1  # as LimitsAndAccessLog counts every request: `Runtime.alone`, the drain
+        try:
+            return await routes.sample(parsed, request, runtime)
+        except Exception as exc:
+            try:
+                return await self.lean._handle(request, exc)
+            except Exception:
+                log.exception("POST /sample failed")
+                return Response(b'{"detail":"internal error"}', 500, media_type="application/json")
+        finally:
+            runtime.active -= 1

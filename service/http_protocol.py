@@ -28,7 +28,8 @@ server's own, and are logged and counted as the app's are (the access line; `vae
 the access line, and is now left out of the log).
 `sweep`, from the server's tick, checks every connection for the first two about once a second.
 
-The protocol also keeps count of the connections that are active (`Activity`), for the batchers' waits for company.
+The protocol also keeps count of the connections that are active (`Activity`), for the batchers' waits for company,
+and answers the commonest request itself (`fastpath.DirectSample`), past uvicorn's request cycle.
 """
 
 from __future__ import annotations
@@ -37,14 +38,19 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections import deque
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.access import count_failure, log_request, request_id_from
 from service.metrics import Metrics
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.fastpath import DirectSample
 
 MIN_BODY_BYTES_PER_S = 1024
 MAX_HEAD_BYTES = 64 * 1024  # nginx reads up to 32 KiB of headers by default, Apache about 800 KiB, uvicorn's h11 16 KiB
@@ -61,6 +67,19 @@ IDLE_AFTER_S = 0.005
 
 class _HeadTooLarge(Exception):
     pass
+
+
+class _Answering:
+    """What uvicorn reads of a request's RequestResponseCycle, for one answered directly."""
+
+    response_complete = False
+    response_started = False
+    disconnected = False  # set by uvicorn's connection_lost
+    keep_alive = True  # cleared by uvicorn's shutdown: close after the answer
+
+    def __init__(self, scope: dict[str, Any]) -> None:
+        self.scope = scope
+        self.message_event = asyncio.Event()
 
 
 class Activity:
@@ -136,6 +155,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     metrics: Metrics | None = None
     activity = Activity()  # one per server: guarded_protocol makes a class of its own for each
     _counted = False  # in `activity` and vae_connections_open
+    direct: DirectSample | None = None  # requests answered past uvicorn's ASGI cycle (fastpath.DirectSample)
+    _held: list[bytes] | None = None  # the body so far of a request `direct` may answer, held back from uvicorn
+    _held_bytes = 0
+    _answering = False  # a request is being answered directly
     _busy = False
     _answer: tuple[float, GuardedHttpProtocol] | None = None
     opened_over_limit = 0  # the open connections when this one opened, where that was over max_connections; else 0
@@ -232,18 +255,86 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         return request_id
 
     def on_headers_complete(self) -> None:
-        super().on_headers_complete()
         self.head_at = self.loop.time()
+        direct = self.direct
+        if (
+            direct is not None and not self._answering and (self.cycle is None or self.cycle.response_complete)
+            and not self.opened_over_limit and not self.expect_100_continue and self.parser.should_keep_alive()
+            and self.parser.get_http_version() == "1.1" and not self.parser.should_upgrade()
+            and direct.takes(self.parser.get_method(), self.url, self.headers)
+        ):
+            self._held, self._held_bytes = [], 0  # uvicorn hears of it once its body is in, if at all
+            return
+        self._held = None
+        self._to_uvicorn()
+
+    def _to_uvicorn(self) -> None:
+        super().on_headers_complete()
         if self.opened_over_limit:
             self.scope.setdefault("state", {})[OVER_LIMIT] = self.opened_over_limit  # the request's scope
 
     def on_body(self, body: bytes) -> None:
-        super().on_body(body)
         self.body_bytes += len(body)
+        if self._held is None:
+            super().on_body(body)
+            return
+        self._held.append(body)
+        self._held_bytes += len(body)
+        if self.direct is not None and self._held_bytes > self.direct.max_body:  # more than it declared: uvicorn's
+            self._release(b"".join(self._held))
+
+    def _release(self, body: bytes) -> None:
+        """Hand a held request to uvicorn after all, as if it had never been held: its ASGI task has not run yet."""
+        self._held = None
+        self._to_uvicorn()
+        if body:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
         self.reading_since = None
+        if self._held is None:
+            super().on_message_complete()
+            return
+        body = b"".join(self._held)
+        parsed = self.direct.parse(body) if self.direct is not None else None
+        if parsed is None:
+            self._release(body)
+            super().on_message_complete()
+            return
+        self._held = None
+        self._answering = True
+        # In uvicorn's place while it is answered: a request pipelined behind it waits in uvicorn's pipeline, and a
+        # lost connection or a shutdown is noted on it.
+        self.cycle = answering = _Answering(self.scope)  # type: ignore[assignment,arg-type]
+        task = self.loop.create_task(self._answer_directly(answering, parsed))
+        task.add_done_callback(self.tasks.discard)  # as uvicorn keeps its own: a graceful shutdown waits for them
+        self.tasks.add(task)
+
+    async def _answer_directly(self, answering: _Answering, parsed: Any) -> None:
+        assert self.direct is not None
+        started = time.perf_counter()
+        scope = answering.scope
+        scope.update(method="POST", path="/sample", raw_path=b"/sample", query_string=b"")
+        request_id = request_id_from(next((v for k, v in scope["headers"] if k == b"x-request-id"), None))
+        try:
+            response = await self.direct.answer(scope, parsed)
+        finally:
+            self._answering = False
+        if not answering.disconnected and not self.transport.is_closing():
+            head = [STATUS_LINE[response.status_code]]
+            for name, value in self.server_state.default_headers:
+                head.extend([name, b": ", value, b"\r\n"])
+            for name, value in response.raw_headers:
+                head.extend([name, b": ", value, b"\r\n"])
+            head.append(b"x-request-id: %s\r\n" % request_id)
+            if not answering.keep_alive:
+                head.append(b"connection: close\r\n")
+            self.transport.write(b"".join(head) + b"\r\n" + response.body)  # head and body in one write
+        answering.response_complete = True
+        if not answering.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
+        self.direct.observe(scope, response.status_code, time.perf_counter() - started, request_id)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -289,6 +380,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def time_out(self) -> None:
         """Answer 408 unless an answer is already on its way, and close the connection."""
+        if self._held is not None:  # a body late for a direct answer: the app answers and logs it, as any other
+            self._release(b"".join(self._held))
         cycle = self.cycle
         answering = cycle is not None and not cycle.response_complete
         if self.head_at is not None and answering:
@@ -308,11 +401,13 @@ def _not_uvicorns_400_warning(record: logging.LogRecord) -> bool:
     return record.msg != "Invalid HTTP request received."
 
 
-def guarded_protocol(settings: Settings, metrics: Metrics) -> type[GuardedHttpProtocol]:
+def guarded_protocol(
+    settings: Settings, metrics: Metrics, direct: DirectSample | None = None
+) -> type[GuardedHttpProtocol]:
     """The protocol class for a server with these limits (VAE_MAX_CONNECTIONS, VAE_READ_TIMEOUT_S), counting in
     `metrics`."""
     logging.getLogger("uvicorn.error").addFilter(_not_uvicorns_400_warning)  # once: the same filter is not added twice
     return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {
         "max_connections": settings.max_connections, "read_timeout_s": settings.read_timeout_s, "metrics": metrics,
-        "activity": Activity(),
+        "activity": Activity(), "direct": direct,
     })

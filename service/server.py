@@ -32,7 +32,7 @@ def config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         # and app.LimitsAndAccessLog answers the requests of those beyond it.
         workers=1,  # several processes: VAE_WORKERS (service/workers.py), not uvicorn's
         # VAE_MAX_CONNECTIONS, VAE_READ_TIMEOUT_S and a limit on request heads (service/http_protocol.py)
-        http=guarded_protocol(settings, app.state.metrics),
+        http=guarded_protocol(settings, app.state.metrics, app.state.direct),
     )
 
 

@@ -20,23 +20,9 @@ from service.app import create_app
 from service.http_protocol import MAX_HEAD_BYTES
 from service.server import DrainingServer, config
 from service.settings import Settings
-from tests.service.tools import healthz_status
+from tests.service.tools import healthz_status, running
 
 TIMEOUT_S = 0.3
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[tuple[int, DrainingServer]]:
-    """The server as `python -m service` runs it, in this event loop: (its port, the server)."""
-    served = DrainingServer(config(create_app(settings, wait_for_models=True), settings))
-    serving = asyncio.create_task(served.serve())
-    while not served.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield served.servers[0].sockets[0].getsockname()[1], served
-    finally:
-        served.should_exit = True
-        await serving
 
 
 @pytest.fixture
@@ -89,8 +75,10 @@ def sample_request(body: bytes) -> bytes:
         (),  # a connection that never sends anything
         (b"POST /sample HTTP/1.1\r\nhost: test\r\n",),  # a head that never ends
         (sample_request(b'{"model": "faces"}'),),  # a body that never comes
+        # the same on a kept-alive connection, held back for a direct answer (fastpath.DirectSample) until its body
+        (sample_request(b'{"model": "faces"}').replace(b"connection: close\r\n", b""),),
     ],
-    ids=["silent", "head unfinished", "body missing"],
+    ids=["silent", "head unfinished", "body missing", "body missing, direct"],
 )
 async def test_a_request_that_does_not_come_in_time_gets_408_and_its_connection_is_closed(
     server: tuple[int, DrainingServer], chunks: tuple[bytes, ...]

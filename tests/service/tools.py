@@ -1,5 +1,5 @@
-"""What the service tests share: stand-in models that are slow, block or fail on cue, a memory probe, and a reading of
-the numbers in a JSON answer."""
+"""What the service tests share: stand-in models that are slow, block or fail on cue, a memory probe, a reading of
+the numbers in a JSON answer, and the server as `python -m service` runs it."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import service.runtime
+from service.app import create_app
 from service.repository import ServedModel
+from service.server import DrainingServer, config
 from service.settings import Settings
 from tests.conftest import serve
 
@@ -114,3 +116,21 @@ async def healthz_status(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
     await reader.readexactly(length)
     return head.split(b" ")[1]
+
+
+@asynccontextmanager
+async def running(settings: Settings, *, direct: bool = True) -> AsyncIterator[tuple[int, DrainingServer]]:
+    """The server as `python -m service` runs it, in this event loop: (its port, the server). `direct=False`: without
+    the protocol's direct answers (fastpath.DirectSample), every request through uvicorn's ASGI cycle and the app."""
+    app = create_app(settings, wait_for_models=True)
+    if not direct:
+        app.state.direct = None
+    served = DrainingServer(config(app, settings))
+    serving = asyncio.create_task(served.serve())
+    while not served.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield served.servers[0].sockets[0].getsockname()[1], served
+    finally:
+        served.should_exit = True
+        await serving

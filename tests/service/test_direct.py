@@ -1,0 +1,169 @@
+"""POST /sample answered from the HTTP protocol (fastpath.DirectSample): the same answers, metrics and access lines as
+through uvicorn's ASGI cycle and the app, in order behind and before other requests on a connection, and every request
+it does not take answered by the app as ever. Against real servers, one with direct answers and one without."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.server import DrainingServer
+from service.settings import Settings
+from tests.service.tools import running
+
+Answer = tuple[int, dict[bytes, bytes], bytes]
+
+
+def post(body: bytes, *, content_type: bytes = b"application/json", headers: bytes = b"") -> bytes:
+    return (
+        b"POST /sample HTTP/1.1\r\nhost: test\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n%s"
+        % (content_type, len(body), headers, body)
+    )
+
+
+async def ask(port: int, *requests: bytes) -> list[Answer]:
+    """`requests` sent in one write on one connection; their answers in the order they came."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"".join(requests))
+    answers = []
+    try:
+        for _ in requests:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            headers = dict(line.split(b": ", 1) for line in lines[1:] if line)
+            answers.append((int(lines[0].split(b" ")[1]), headers, await reader.readexactly(int(headers[b"content-length"]))))
+    finally:
+        writer.close()
+    return answers
+
+
+def comparable(answer: Answer) -> tuple[int, dict[bytes, bytes], bytes]:
+    status, headers, body = answer
+    return status, {k: v for k, v in headers.items() if k not in (b"date", b"x-request-id")}, body
+
+
+def count_direct(served: DrainingServer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many requests the server answers directly, as they come."""
+    direct = served.config.http.direct  # type: ignore[union-attr]
+    answered = [0]
+    original: Callable[..., Awaitable[Any]] = direct.answer
+
+    async def counted(*args: Any) -> Any:
+        answered[0] += 1
+        return await original(*args)
+
+    monkeypatch.setattr(direct, "answer", counted)
+    return answered
+
+
+@pytest.fixture
+async def servers(tiny_models: Path) -> AsyncIterator[tuple[tuple[int, DrainingServer], int]]:
+    """(a server with direct answers, its port; the port of one without)."""
+    settings = Settings(model_dir=tiny_models, port=0)
+    async with running(settings) as direct, running(settings, direct=False) as through_the_app:
+        yield direct, through_the_app[0]
+
+
+REQUESTS = {
+    "one image": (post(b'{"model": "faces", "seed": 3}'), True),
+    "a grid": (post(b'{"model": "mnist", "n": 4, "seed": 1, "temperature": 0.5}'), True),
+    "images as JSON": (post(b'{"model": "mnist", "n": 3, "seed": 2}', headers=b"accept: application/json\r\n"), True),
+    "an unknown model": (post(b'{"model": "nope"}'), True),
+    "too many images": (post(b'{"model": "faces", "n": 100000}'), True),
+    "an invalid field": (post(b'{"model": "faces", "n": "x"}'), False),
+    "not JSON": (post(b"model=faces", content_type=b"application/x-www-form-urlencoded"), False),
+    "a body over 4 KiB": (post(b'{"model": "faces", "seed": 3}' + b" " * 5000), False),
+    "a query string": (post(b'{"model": "faces", "seed": 3}').replace(b"/sample", b"/sample?x=1", 1), False),
+}
+
+
+@pytest.mark.parametrize("name", REQUESTS)
+async def test_an_answer_is_the_app_s_whether_direct_or_not(
+    servers: tuple[tuple[int, DrainingServer], int], monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    (port, served), app_port = servers
+    request, taken = REQUESTS[name]
+    answered = count_direct(served, monkeypatch)
+    (direct,) = await ask(port, request)
+    (through_the_app,) = await ask(app_port, request)
+    assert comparable(direct) == comparable(through_the_app)
+    assert direct[1][b"x-request-id"]
+    assert answered[0] == (1 if taken else 0)
+
+
+async def test_pipelined_requests_are_answered_in_order(
+    servers: tuple[tuple[int, DrainingServer], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (port, served), _ = servers
+    answered = count_direct(served, monkeypatch)
+    answers = await ask(
+        port,
+        post(b'{"model": "faces", "seed": 1}'),
+        b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n",
+        post(b'{"model": "faces", "seed": 2}'),
+        post(b'{"model": "faces", "seed": 3}'),
+    )
+    assert [a[0] for a in answers] == [200, 200, 200, 200]
+    assert [a[1].get(b"x-seed") for a in answers] == [b"1", None, b"2", b"3"]
+    assert json.loads(answers[1][2])["status"] == "ok"
+    assert answered[0] >= 1  # the first; those behind another request wait in uvicorn's pipeline
+
+
+async def test_a_direct_answer_is_counted_logged_and_carries_the_client_s_request_id(
+    servers: tuple[tuple[int, DrainingServer], int], caplog: pytest.LogCaptureFixture
+) -> None:
+    (port, served), _ = servers
+    metrics = served.config.http.metrics  # type: ignore[union-attr]
+    with caplog.at_level(logging.INFO, logger="vae_serve.access"):
+        ((status, headers, _),) = await ask(port, post(b'{"model": "faces"}', headers=b"x-request-id: abc-1\r\n"))
+    assert status == 200 and headers[b"x-request-id"] == b"abc-1"
+    (line,) = [r for r in caplog.records if r.name == "vae_serve.access"]
+    assert (line.method, line.path, line.model, line.status, line.request_id) == ("POST", "/sample", "faces", 200, "abc-1")
+    labels = {"endpoint": "/sample", "model": "faces", "status": "200"}
+    assert metrics.registry.get_sample_value("vae_requests_total", labels) == 1
+    assert metrics.registry.get_sample_value("vae_images_generated_total", {"model": "faces"}) == 1
+
+
+@pytest.mark.parametrize(("key", "status", "taken"), [(b"wrong", 401, 0), (b"s3cret", 200, 1)])
+async def test_with_an_api_key_only_a_request_that_has_it_is_answered_directly(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch, key: bytes, status: int, taken: int
+) -> None:
+    async with running(Settings(model_dir=tiny_models, port=0, api_key="s3cret")) as (port, served):
+        answered = count_direct(served, monkeypatch)
+        ((got, _, _),) = await ask(port, post(b'{"model": "mnist"}', headers=b"authorization: Bearer %s\r\n" % key))
+    assert (got, answered[0]) == (status, taken)
+
+
+async def test_a_request_from_a_page_is_the_app_s_where_it_answers_cors(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(model_dir=tiny_models, port=0, cors_origins="https://app.example.com")
+    async with running(settings) as (port, served):
+        answered = count_direct(served, monkeypatch)
+        ((status, headers, _),) = await ask(port, post(b'{"model": "mnist"}', headers=b"origin: https://app.example.com\r\n"))
+        ((_, plain, _),) = await ask(port, post(b'{"model": "mnist"}'))
+    assert status == 200 and headers[b"access-control-allow-origin"] == b"https://app.example.com"
+    assert b"access-control-allow-origin" not in plain
+    assert answered[0] == 1  # the request without an Origin
+
+
+async def test_a_client_that_leaves_before_its_answer_takes_nothing_down(
+    servers: tuple[tuple[int, DrainingServer], int],
+) -> None:
+    (port, served), _ = servers
+    for _ in range(5):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post(b'{"model": "faces", "n": 16}'))
+        await writer.drain()
+        writer.close()
+    await asyncio.sleep(0.3)
+    ((status, _, _),) = await ask(port, post(b'{"model": "faces"}'))
+    assert status == 200
+    await asyncio.sleep(0.05)
+    assert served.config.http.activity.count(asyncio.get_running_loop().time() + 1) == 0  # type: ignore[union-attr]
