@@ -9,6 +9,9 @@ This middleware calls the same route functions, with the same validation and the
 request it does not take as it is, it hands to FastAPI unchanged, with the body it has read: a JSON body that is not
 valid (FastAPI answers it 422 as always), no `application/json` content type on the image routes, a wrong API key,
 models still loading. So every answer a client can get is FastAPI's, only faster for the common one.
+
+The commonest, POST /sample with a small JSON body, goes further: `DirectSample` answers it from the HTTP protocol,
+past uvicorn's request cycle and this middleware too.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ class LeanRoutes:
         try:
             response = await route(parsed, request, runtime)
         except Exception as exc:
-            response = await self._handle(request, exc)
+            response = await self.handle(request, exc)
         await response(scope, receive, send)
 
     async def _model_route(self, route: ModelRoute, scope: Scope, receive: Receive, send: Send, runtime: Runtime) -> None:
@@ -96,12 +99,12 @@ class LeanRoutes:
         try:
             response = await route(request, runtime)
         except Exception as exc:
-            response = await self._handle(request, exc)
+            response = await self.handle(request, exc)
         finally:
             await request.close()  # uploads a form spooled to temporary files
         await response(scope, receive, send)
 
-    async def _handle(self, request: Request, exc: Exception) -> Response:
+    async def handle(self, request: Request, exc: Exception) -> Response:
         """The answer the app's exception handlers give (HTTPException, UnknownModel, QueueFull, ... and Exception)."""
         for cls in type(exc).__mro__:
             handler = self.fastapi.exception_handlers.get(cls)
@@ -200,7 +203,7 @@ class DirectSample:
             return await routes.sample(parsed, request, runtime)
         except Exception as exc:
             try:
-                return await self.lean._handle(request, exc)
+                return await self.lean.handle(request, exc)
             except Exception:
                 log.exception("POST /sample failed")
                 return Response(b'{"detail":"internal error"}', 500, media_type="application/json")
