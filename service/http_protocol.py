@@ -283,6 +283,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.direct is not None and self._held_bytes > self.direct.max_body:  # more than it declared: uvicorn's
             self._release(b"".join(self._held))
 
+    def shutdown(self) -> None:
+        """uvicorn's, on a graceful shutdown: it lets a request in progress finish, one held for a direct answer too."""
+        if self._held is not None:
+            self._release(b"".join(self._held))
+        super().shutdown()
+
     def _release(self, body: bytes) -> None:
         """Hand a held request to uvicorn after all, as if it had never been held: its ASGI task has not run yet."""
         self._held = None

@@ -167,3 +167,17 @@ async def test_a_client_that_leaves_before_its_answer_takes_nothing_down(
     assert status == 200
     await asyncio.sleep(0.05)
     assert served.config.http.activity.count(asyncio.get_running_loop().time() + 1) == 0  # type: ignore[union-attr]
+
+
+async def test_a_request_whose_body_is_still_coming_at_a_shutdown_is_answered(tiny_models: Path) -> None:
+    async with running(Settings(model_dir=tiny_models, port=0)) as (port, served):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        request = post(b'{"model": "faces", "seed": 3}')
+        writer.write(request[:-5])  # held back for a direct answer until its body is in
+        await asyncio.sleep(0.1)
+        served.should_exit = True
+        await asyncio.sleep(0.3)  # uvicorn's shutdown has reached the connection
+        writer.write(request[-5:])
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" in head
