@@ -194,8 +194,10 @@ class DirectSample:
             return None
 
     async def answer(self, scope: Scope, parsed: SampleRequest) -> Response:
-        """The route's answer, or the app's exception handlers' answer to what it raised."""
-        scope["app"], scope["route"] = self.fastapi, self.route
+        """The route's answer, or the app's exception handlers' answer to what it raised. `scope`: as uvicorn begins
+        it, before the parts it fills in from the request line, which `takes` has read."""
+        path = self.path.decode("ascii")
+        scope.update(method="POST", path=path, raw_path=self.path, query_string=b"", app=self.fastapi, route=self.route)
         request = Request(scope)
         runtime: Runtime = self.fastapi.state.runtime
         runtime.active += 1  # as LimitsAndAccessLog counts every request: `Runtime.alone`, the drain

@@ -245,14 +245,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         X-Request-ID is returned."""
         body = json.dumps({"detail": detail}).encode()
         request_id = request_id_from(None)  # the request's own header may not have been read
-        head = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            head.extend([name, b": ", value, b"\r\n"])
-        head.append(b"content-type: application/json\r\nconnection: close\r\nx-request-id: %s\r\n" % request_id)
-        head.append(b"content-length: %d\r\n\r\n" % len(body))
-        self.transport.write(b"".join(head) + body)
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        self._write_answer(status, headers, body, request_id, close=True)
         self.transport.close()
         return request_id
+
+    def _write_answer(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | memoryview, request_id: bytes, *, close: bool
+    ) -> None:
+        """An answer's head, uvicorn's default headers first (its date), and body, in one write."""
+        head = [STATUS_LINE[status]]
+        for name, value in [*self.server_state.default_headers, *headers, (b"x-request-id", request_id)]:
+            head.extend([name, b": ", value, b"\r\n"])
+        if close:
+            head.append(b"connection: close\r\n")
+        self.transport.write(b"".join(head) + b"\r\n" + body)
 
     def on_headers_complete(self) -> None:
         self.head_at = self.loop.time()
@@ -320,22 +327,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         assert self.direct is not None
         started = time.perf_counter()
         scope = answering.scope
-        scope.update(method="POST", path="/sample", raw_path=b"/sample", query_string=b"")
         request_id = request_id_from(next((v for k, v in scope["headers"] if k == b"x-request-id"), None))
         try:
             response = await self.direct.answer(scope, parsed)
         finally:
             self._answering = False
         if not answering.disconnected and not self.transport.is_closing():
-            head = [STATUS_LINE[response.status_code]]
-            for name, value in self.server_state.default_headers:
-                head.extend([name, b": ", value, b"\r\n"])
-            for name, value in response.raw_headers:
-                head.extend([name, b": ", value, b"\r\n"])
-            head.append(b"x-request-id: %s\r\n" % request_id)
-            if not answering.keep_alive:
-                head.append(b"connection: close\r\n")
-            self.transport.write(b"".join(head) + b"\r\n" + response.body)  # head and body in one write
+            close = not answering.keep_alive
+            self._write_answer(response.status_code, response.raw_headers, response.body, request_id, close=close)
         answering.response_complete = True
         if not answering.keep_alive:
             self.transport.close()
