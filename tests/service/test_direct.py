@@ -15,7 +15,7 @@ import pytest
 
 from service.server import DrainingServer
 from service.settings import Settings
-from tests.service.tools import running
+from tests.service.tools import read_answer, running
 
 Answer = tuple[int, dict[bytes, bytes], bytes]
 
@@ -31,16 +31,10 @@ async def ask(port: int, *requests: bytes) -> list[Answer]:
     """`requests` sent in one write on one connection; their answers in the order they came."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"".join(requests))
-    answers = []
     try:
-        for _ in requests:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.split(b"\r\n")
-            headers = dict(line.split(b": ", 1) for line in lines[1:] if line)
-            answers.append((int(lines[0].split(b" ")[1]), headers, await reader.readexactly(int(headers[b"content-length"]))))
+        return [await read_answer(reader) for _ in requests]
     finally:
         writer.close()
-    return answers
 
 
 def comparable(answer: Answer) -> tuple[int, dict[bytes, bytes], bytes]:

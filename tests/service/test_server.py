@@ -14,27 +14,17 @@ from service import server
 from service.app import create_app
 from service.http_protocol import IDLE_AFTER_S
 from service.settings import Settings
-from tests.service.tools import healthz_status
+from tests.service.tools import healthz_status, read_answer, running
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 @asynccontextmanager
 async def serving(tmp_path: Any) -> AsyncIterator[tuple[FastAPI, int]]:
-    """A real uvicorn with vae-serve's protocol on a free port (its keep-alive timer is what tells an idle connection
-    from an active one): the app and the port."""
-    app = create_app(Settings(model_dir=tmp_path, port=0))
-    config = server.config(app, Settings(model_dir=tmp_path, port=0))
-    config.lifespan = "off"
-    running = server.DrainingServer(config)
-    task = asyncio.create_task(running.serve())
-    while not running.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield app, running.servers[0].sockets[0].getsockname()[1]
-    finally:
-        running.should_exit = True
-        await task
+    """A real uvicorn with vae-serve's protocol on a free port, with no models (its keep-alive timer is what tells an
+    idle connection from an active one): the app and the port."""
+    async with running(Settings(model_dir=tmp_path, port=0)) as (port, served):
+        yield served.config.app, port  # type: ignore[misc]
 
 
 async def settled(seconds: float = 0.05) -> None:
@@ -98,9 +88,7 @@ async def test_requests_pipelined_on_one_connection_count_it_once(tmp_path: Any)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n" * 3)  # sent before any answer
         for _ in range(3):
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.startswith(b"content-length"))
-            await reader.readexactly(length)
+            assert (await read_answer(reader))[0] == 200
         assert app.state.active_connections() == 1
         await asyncio.sleep(IDLE_AFTER_S * 4)
         assert app.state.active_connections() == 0

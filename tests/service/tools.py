@@ -109,13 +109,19 @@ def post_scope(path: str, content_type: str, content_length: int) -> dict[str, A
     }
 
 
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[bytes, bytes], bytes]:
+    """The next answer on a kept-alive connection to a real server: its status, headers (names in lower case) and
+    body."""
+    lines = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
+    headers = {name.lower(): value for name, value in (line.split(b": ", 1) for line in lines[1:] if line)}
+    return int(lines[0].split(b" ")[1]), headers, await reader.readexactly(int(headers[b"content-length"]))
+
+
 async def healthz_status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
     """GET /healthz on a kept-alive connection to a real server; the answer's status code, its body read."""
     writer.write(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n")
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-    await reader.readexactly(length)
-    return head.split(b" ")[1]
+    status, _, _ = await read_answer(reader)
+    return b"%d" % status
 
 
 @asynccontextmanager
