@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access import CLIENT_CLOSED_REQUEST, count_failure, log_request, request_id_from
 from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
-from service.fastpath import DirectSample, LeanRoutes
+from service.fastpath import DirectAnswers, LeanRoutes
 from service.http_protocol import OVER_LIMIT, TIMED_OUT
 from service.metrics import Metrics
 from service.routes import is_json, media_type, metrics_router, probes, router
@@ -153,7 +153,7 @@ class LimitsAndAccessLog:
             self.observe(scope, status, time.perf_counter() - started, request_id)
 
     def observe(self, scope: Scope, status: int, seconds: float, request_id: bytes) -> None:
-        """A request's metrics and access line (fastpath.DirectSample's too)."""
+        """A request's metrics and access line (fastpath.DirectAnswers' too)."""
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"  # templates only: bounded label values
         model = str(scope.get("state", {}).get("model", ""))
@@ -379,7 +379,7 @@ def create_app(settings: Settings | None = None, *, wait_for_models: bool = Fals
     if origins := settings.cors_origin_list:
         app.front = cors(app.front, origins)
     # server.config hands it to the HTTP protocol
-    app.state.direct = DirectSample(app, busy_routes, limits.observe, key_matches, cors=bool(origins))
+    app.state.direct = DirectAnswers(app, busy_routes, limits.observe, key_matches, cors=bool(origins))
     return app
 
 

@@ -29,7 +29,7 @@ the access line, and is now left out of the log).
 `sweep`, from the server's tick, checks every connection for the first two about once a second.
 
 The protocol also keeps count of the connections that are active (`Activity`), for the batchers' waits for company,
-and answers the commonest request itself (`fastpath.DirectSample`), past uvicorn's request cycle.
+and answers the commonest requests itself (`fastpath.DirectAnswers`), past uvicorn's request cycle.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from service.fastpath import DirectSample
+    from service.fastpath import DirectAnswers
 
 MIN_BODY_BYTES_PER_S = 1024
 MAX_HEAD_BYTES = 64 * 1024  # nginx reads up to 32 KiB of headers by default, Apache about 800 KiB, uvicorn's h11 16 KiB
@@ -155,7 +155,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     metrics: Metrics | None = None
     activity = Activity()  # one per server: guarded_protocol makes a class of its own for each
     _counted = False  # in `activity` and vae_connections_open
-    direct: DirectSample | None = None  # requests answered past uvicorn's ASGI cycle (fastpath.DirectSample)
+    direct: DirectAnswers | None = None  # requests answered past uvicorn's ASGI cycle (fastpath.DirectAnswers)
     _held: list[bytes] | None = None  # the body so far of a request `direct` may answer, held back from uvicorn
     _held_bytes = 0
     _answering = False  # a request is being answered directly
@@ -309,7 +309,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             super().on_message_complete()
             return
         body = b"".join(self._held)
-        parsed = self.direct.parse(body) if self.direct is not None else None
+        parsed = self.direct.parse(self.url, body) if self.direct is not None else None
         if parsed is None:
             self._release(body)
             super().on_message_complete()
@@ -407,7 +407,7 @@ def _not_uvicorns_400_warning(record: logging.LogRecord) -> bool:
 
 
 def guarded_protocol(
-    settings: Settings, metrics: Metrics, direct: DirectSample | None = None
+    settings: Settings, metrics: Metrics, direct: DirectAnswers | None = None
 ) -> type[GuardedHttpProtocol]:
     """The protocol class for a server with these limits (VAE_MAX_CONNECTIONS, VAE_READ_TIMEOUT_S), counting in
     `metrics`."""

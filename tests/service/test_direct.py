@@ -1,10 +1,12 @@
-"""POST /sample answered from the HTTP protocol (fastpath.DirectSample): the same answers, metrics and access lines as
-through uvicorn's ASGI cycle and the app, in order behind and before other requests on a connection, and every request
-it does not take answered by the app as ever. Against real servers, one with direct answers and one without."""
+"""POST /sample, /decode and /interpolate answered from the HTTP protocol (fastpath.DirectAnswers): the same answers,
+metrics and access lines as through uvicorn's ASGI cycle and the app, in order behind and before other requests on a
+connection, and every request it does not take answered by the app as ever. Against real servers, one with direct
+answers and one without."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,15 +17,18 @@ import pytest
 
 from service.server import DrainingServer
 from service.settings import Settings
+from tests.conftest import png
 from tests.service.tools import read_answer, running
 
 Answer = tuple[int, dict[bytes, bytes], bytes]
 
 
-def post(body: bytes, *, content_type: bytes = b"application/json", headers: bytes = b"") -> bytes:
+def post(
+    body: bytes, *, path: bytes = b"/sample", content_type: bytes = b"application/json", headers: bytes = b""
+) -> bytes:
     return (
-        b"POST /sample HTTP/1.1\r\nhost: test\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n%s"
-        % (content_type, len(body), headers, body)
+        b"POST %s HTTP/1.1\r\nhost: test\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n%s"
+        % (path, content_type, len(body), headers, body)
     )
 
 
@@ -74,6 +79,25 @@ REQUESTS = {
     "not JSON": (post(b"model=faces", content_type=b"application/x-www-form-urlencoded"), False),
     "a body over 4 KiB": (post(b'{"model": "faces", "seed": 3}' + b" " * 5000), False),
     "a query string": (post(b'{"model": "faces", "seed": 3}').replace(b"/sample", b"/sample?x=1", 1), False),
+    "latents decoded": (post(b'{"model": "mnist", "z": [[0.5, -1], [0, 0]], "columns": 1}', path=b"/decode"), True),
+    "a latent of the wrong size": (post(b'{"model": "faces", "z": [[0.5, -1]]}', path=b"/decode"), True),
+    "a latent that is not finite": (post(b'{"model": "faces", "z": [[NaN]]}', path=b"/decode"), False),
+    "latents as JSON": (
+        post(b'{"model": "mnist", "z": [[1, 2]]}', path=b"/decode", headers=b"accept: application/json\r\n"), True
+    ),
+    "a walk between latents": (
+        post(b'{"model": "mnist", "start": {"z": [-1, 0]}, "end": {"z": [1, 0.5]}, "steps": 5, "method": "slerp"}',
+             path=b"/interpolate"), True,
+    ),
+    "a walk from an image": (
+        post(b'{"model": "mnist", "start": {"image": "%s"}, "end": {"z": [1, 0.5]}, "steps": 3}'
+             % base64.b64encode(png(size=(28, 28), mode="L")), path=b"/interpolate"), True,
+    ),
+    "a walk with both ends at once": (
+        post(b'{"model": "mnist", "start": {"z": [0, 0], "image": "x"}, "end": {"z": [1, 1]}}', path=b"/interpolate"),
+        False,
+    ),
+    "an image to encode": (post(b'{"model": "mnist", "images": []}', path=b"/encode"), False),
 }
 
 

@@ -75,7 +75,7 @@ def sample_request(body: bytes) -> bytes:
         (),  # a connection that never sends anything
         (b"POST /sample HTTP/1.1\r\nhost: test\r\n",),  # a head that never ends
         (sample_request(b'{"model": "faces"}'),),  # a body that never comes
-        # the same on a kept-alive connection, held back for a direct answer (fastpath.DirectSample) until its body
+        # the same on a kept-alive connection, held back for a direct answer (fastpath.DirectAnswers) until its body
         (sample_request(b'{"model": "faces"}').replace(b"connection: close\r\n", b""),),
     ],
     ids=["silent", "head unfinished", "body missing", "body missing, direct"],

@@ -127,7 +127,7 @@ async def healthz_status(reader: asyncio.StreamReader, writer: asyncio.StreamWri
 @asynccontextmanager
 async def running(settings: Settings, *, direct: bool = True) -> AsyncIterator[tuple[int, DrainingServer]]:
     """The server as `python -m service` runs it, in this event loop: (its port, the server). `direct=False`: without
-    the protocol's direct answers (fastpath.DirectSample), every request through uvicorn's ASGI cycle and the app."""
+    the protocol's direct answers (fastpath.DirectAnswers), every request through uvicorn's ASGI cycle and the app."""
     app = create_app(settings, wait_for_models=True)
     if not direct:
         app.state.direct = None
