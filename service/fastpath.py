@@ -10,8 +10,8 @@ request it does not take as it is, it hands to FastAPI unchanged, with the body 
 valid (FastAPI answers it 422 as always), no `application/json` content type on the image routes, a wrong API key,
 models still loading. So every answer a client can get is FastAPI's, only faster for the common one.
 
-The commonest, the JSON routes with a small body, go further: `DirectAnswers` answers them from the HTTP protocol, past
-uvicorn's request cycle and this middleware too.
+The commonest, these routes with a body of up to 64 KiB, go further: `DirectAnswers` answers them from the HTTP
+protocol, past uvicorn's request cycle and this middleware too.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 
 from service import routes
 from service.runtime import Runtime
@@ -141,37 +142,47 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 class DirectAnswers:
-    """POST /sample, /decode and /interpolate with a small JSON body, answered from the HTTP protocol
-    (`http_protocol.GuardedHttpProtocol`) rather than through uvicorn's ASGI cycle and the app's middleware. The
-    route, its validation, the app's exception handlers, the metrics, the access line and the X-Request-ID are the
-    app's own; what is left out is uvicorn's request cycle and task, the ASGI messages and the middleware's wrappers,
-    and the answer goes out in one write. On 2 cores, alternating servers (6 rounds each; bench/README.md): faces
-    `/sample` at 64 connections 1,347 -> 1,431 images/s (faster in 6 of 6), mnist 5,192 -> 6,471 requests/s (5 of 6),
-    a lone mnist client 1,762 -> 1,921 (6 of 6).
+    """The busy routes' requests with a body of up to 64 KiB (POST /sample, /decode and /interpolate with JSON; POST
+    /encode), answered from the HTTP protocol (`http_protocol.GuardedHttpProtocol`) rather than through uvicorn's ASGI
+    cycle and the app's middleware. The route, its validation, the app's exception handlers, the metrics, the access
+    line and the X-Request-ID are the app's own; what is left out is uvicorn's request cycle and task, the ASGI
+    messages and the middleware's wrappers, and the answer goes out in one write. On 2 cores, alternating servers (6
+    rounds each; bench/README.md): faces `/sample` at 64 connections 1,347 -> 1,431 images/s (faster in 6 of 6), mnist
+    5,192 -> 6,471 requests/s (5 of 6); mnist `/decode` 3,581 -> 4,411 (6 of 6).
 
     The protocol asks `takes` once a request's head is in, holding uvicorn's handling of it back, then `parse` once its
-    body is. A request declined at either step (another method or path, a query string, no JSON content type, no
-    Content-Length or a body over `max_body`, a wrong API key, an Origin where the server answers CORS, models
-    loading, a body that is not valid) goes to uvicorn and the app as if it had never been held, so every answer but
-    the common ones is the app's as ever. A body this small is not counted against VAE_MAX_BODY_BYTES_IN_FLIGHT: at
-    most VAE_MAX_CONNECTIONS of them, 4 MiB at the default. (A `faces` latent as JSON is about 1.5 KB: one or two
-    of them fit, an image to interpolate from seldom does.)"""
+    body is. A request declined at either step (another method or path, a query string, no JSON content type on a JSON
+    route, no Content-Length or a body over `max_body`, a wrong API key, an Origin where the server answers CORS,
+    models loading, a JSON body that is not valid) goes to uvicorn and the app as if it had never been held, so every
+    answer but the common ones is the app's as ever. `/encode` reads its own body (a form or JSON), and answers what
+    is wrong with it itself, as through the app.
 
-    max_body = 4096
+    A held body is not counted against VAE_MAX_BODY_BYTES_IN_FLIGHT: it is at most what uvicorn buffers of any
+    request's body before it stops reading from its connection (HIGH_WATER_LIMIT), so it adds nothing to what the
+    server's connections can hold at once."""
+
+    max_body = HIGH_WATER_LIMIT
 
     def __init__(
         self, fastapi: FastAPI, lean: LeanRoutes, observe: Observe, key_matches: Callable[[str], bool] | None, cors: bool
     ) -> None:
         self.fastapi, self.lean, self.observe, self.key_matches, self.cors = fastapi, lean, observe, key_matches, cors
-        # by the request line's path: (the path as text, its body's schema, the route, FastAPI's route for the scope)
-        self.routes = {
+        # by the request line's path: (the path as text, its JSON body's schema or None where the route reads its own
+        # body, the route, FastAPI's route for the scope)
+        self.routes: dict[bytes, tuple[str, type[BaseModel] | None, Route, Any]] = {
             path.encode(): (path, schema, route, lean.routes[path]) for path, (schema, route) in ROUTES.items()
         }
+        self.routes.update({
+            path.encode(): (path, None, _reading_its_body(route), lean.routes[path]) for path, route in MODEL_ROUTES.items()
+        })
         self.max_body = min(self.max_body, fastapi.state.settings.max_body_bytes)
 
     def takes(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
         """From the request's head (header names in lower case, as uvicorn keeps them)."""
-        if method != b"POST" or url not in self.routes or getattr(self.fastapi.state, "runtime", None) is None:
+        if method != b"POST" or getattr(self.fastapi.state, "runtime", None) is None:
+            return False
+        entry = self.routes.get(url)
+        if entry is None:
             return False
         length = content_type = None
         authorization = b""
@@ -186,25 +197,29 @@ class DirectAnswers:
                 return False
         if length is None or not length.isdigit() or int(length) > self.max_body:
             return False
-        if content_type is None or not content_type.startswith(b"application/json"):
+        if entry[1] is not None and (content_type is None or not content_type.startswith(b"application/json")):
             return False
         return self.key_matches is None or self.key_matches(authorization.decode("latin-1"))
 
-    def parse(self, url: bytes, body: bytes) -> tuple[bytes, BaseModel] | None:
-        """The request's path and body, or None where the body is not valid: the app answers it (FastAPI's 422, worded
-        as ever). `url`: one that `takes` took."""
+    def parse(self, url: bytes, body: bytes) -> tuple[bytes, BaseModel | bytes] | None:
+        """The request's path and its body, as the route takes it; None where a JSON body is not valid: the app answers
+        it (FastAPI's 422, worded as ever). `url`: one that `takes` took."""
+        schema = self.routes[url][1]
+        if schema is None:
+            return url, body
         try:
-            return url, self.routes[url][1].model_validate_json(body)
+            return url, schema.model_validate_json(body)
         except ValidationError:
             return None
 
-    async def answer(self, scope: Scope, parsed: tuple[bytes, BaseModel]) -> Response:
+    async def answer(self, scope: Scope, parsed: tuple[bytes, BaseModel | bytes], receive: Receive) -> Response:
         """The route's answer, or the app's exception handlers' answer to what it raised. `scope`: as uvicorn begins
-        it, before the parts it fills in from the request line, which `takes` has read."""
+        it, before the parts it fills in from the request line, which `takes` has read. `receive`: what comes after
+        the body (a disconnect)."""
         url, body = parsed
         path, _, route, fastapi_route = self.routes[url]
         scope.update(method="POST", path=path, raw_path=url, query_string=b"", app=self.fastapi, route=fastapi_route)
-        request = Request(scope)
+        request = Request(scope, _replay(body, receive) if isinstance(body, bytes) else receive)
         runtime: Runtime = self.fastapi.state.runtime
         runtime.active += 1  # as LimitsAndAccessLog counts every request: `Runtime.alone`, the drain
         try:
@@ -217,3 +232,13 @@ class DirectAnswers:
                 return Response(b'{"detail":"internal error"}', 500, media_type="application/json")
         finally:
             runtime.active -= 1
+            await request.close()  # a form Starlette parsed may have spooled files
+
+
+def _reading_its_body(route: ModelRoute) -> Route:
+    """A route that reads its own body from its request, called as the JSON routes are."""
+
+    async def call(_: object, request: Request, runtime: Runtime) -> Response:
+        return await route(request, runtime)
+
+    return call

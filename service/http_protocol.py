@@ -81,6 +81,12 @@ class _Answering:
         self.scope = scope
         self.message_event = asyncio.Event()
 
+    async def receive(self) -> dict[str, Any]:
+        """The ASGI `receive` after the request's body, as uvicorn's cycle gives it: a disconnect once the connection
+        is lost."""
+        await self.message_event.wait()  # set by uvicorn's connection_lost
+        return {"type": "http.disconnect"}
+
 
 class Activity:
     """How many of a server's connections are active: open, and not idle for IDLE_AFTER_S or more. A connection is idle
@@ -319,17 +325,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # In uvicorn's place while it is answered: a request pipelined behind it waits in uvicorn's pipeline, and a
         # lost connection or a shutdown is noted on it.
         self.cycle = answering = _Answering(self.scope)  # type: ignore[assignment,arg-type]
-        task = self.loop.create_task(self._answer_directly(answering, parsed))
+        # timed from its head, as the app times a request from the moment uvicorn hands it over
+        started = time.perf_counter() - (self.loop.time() - (self.head_at or self.loop.time()))
+        task = self.loop.create_task(self._answer_directly(answering, parsed, started))
         task.add_done_callback(self.tasks.discard)  # as uvicorn keeps its own: a graceful shutdown waits for them
         self.tasks.add(task)
 
-    async def _answer_directly(self, answering: _Answering, parsed: Any) -> None:
+    async def _answer_directly(self, answering: _Answering, parsed: Any, started: float) -> None:
         assert self.direct is not None
-        started = time.perf_counter()
         scope = answering.scope
         request_id = request_id_from(next((v for k, v in scope["headers"] if k == b"x-request-id"), None))
         try:
-            response = await self.direct.answer(scope, parsed)
+            response = await self.direct.answer(scope, parsed, answering.receive)
         finally:
             self._answering = False
         if not answering.disconnected and not self.transport.is_closing():

@@ -21,6 +21,7 @@ from tests.conftest import png
 from tests.service.tools import read_answer, running
 
 Answer = tuple[int, dict[bytes, bytes], bytes]
+FORM = b"multipart/form-data; boundary=xyz"
 
 
 def post(
@@ -29,6 +30,15 @@ def post(
     return (
         b"POST %s HTTP/1.1\r\nhost: test\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n%s"
         % (path, content_type, len(body), headers, body)
+    )
+
+
+def form(model: bytes, image: bytes) -> bytes:
+    """A multipart form (boundary FORM's) with `model`, where given, and `image` as its one file."""
+    model_part = b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\n%s\r\n' % model if model else b""
+    return model_part + (
+        b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+        b"%s\r\n--xyz--\r\n" % image
     )
 
 
@@ -77,7 +87,7 @@ REQUESTS = {
     "too many images": (post(b'{"model": "faces", "n": 100000}'), True),
     "an invalid field": (post(b'{"model": "faces", "n": "x"}'), False),
     "not JSON": (post(b"model=faces", content_type=b"application/x-www-form-urlencoded"), False),
-    "a body over 4 KiB": (post(b'{"model": "faces", "seed": 3}' + b" " * 5000), False),
+    "a body over 64 KiB": (post(b'{"model": "faces", "seed": 3}' + b" " * 66000), False),
     "a query string": (post(b'{"model": "faces", "seed": 3}').replace(b"/sample", b"/sample?x=1", 1), False),
     "latents decoded": (post(b'{"model": "mnist", "z": [[0.5, -1], [0, 0]], "columns": 1}', path=b"/decode"), True),
     "a latent of the wrong size": (post(b'{"model": "faces", "z": [[0.5, -1]]}', path=b"/decode"), True),
@@ -97,7 +107,16 @@ REQUESTS = {
         post(b'{"model": "mnist", "start": {"z": [0, 0], "image": "x"}, "end": {"z": [1, 1]}}', path=b"/interpolate"),
         False,
     ),
-    "an image to encode": (post(b'{"model": "mnist", "images": []}', path=b"/encode"), False),
+    "a digit uploaded": (post(form(b"mnist", png(size=(28, 28), mode="L")), path=b"/encode", content_type=FORM), True),
+    "a face uploaded": (post(form(b"faces", png(size=(60, 50))), path=b"/encode", content_type=FORM), True),
+    "an upload that is not an image": (post(form(b"mnist", b"GIF89a"), path=b"/encode", content_type=FORM), True),
+    "a form without a model": (post(form(b"", png()), path=b"/encode", content_type=FORM), True),
+    "images as base64 JSON": (
+        post(b'{"model": "mnist", "images": ["%s"]}' % base64.b64encode(png()), path=b"/encode"), True
+    ),
+    "an upload as text": (post(b"hello", path=b"/encode", content_type=b"text/plain"), True),
+    "an upload over 64 KiB": (post(form(b"mnist", png(size=(300, 300)) + b"\0" * 66000), path=b"/encode",
+                                   content_type=FORM), False),
 }
 
 
@@ -146,6 +165,25 @@ async def test_a_direct_answer_is_counted_logged_and_carries_the_client_s_reques
     labels = {"endpoint": "/sample", "model": "faces", "status": "200"}
     assert metrics.registry.get_sample_value("vae_requests_total", labels) == 1
     assert metrics.registry.get_sample_value("vae_images_generated_total", {"model": "faces"}) == 1
+
+
+async def test_a_direct_answer_is_timed_from_its_request_s_head_as_the_app_s_are(
+    servers: tuple[tuple[int, DrainingServer], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (port, served), _ = servers
+    answered = count_direct(served, monkeypatch)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = post(b'{"model": "mnist", "z": [[0, 1]]}', path=b"/decode")
+    writer.write(request[:-5])
+    await asyncio.sleep(0.3)  # a body slow to come
+    writer.write(request[-5:])
+    status, _, _ = await read_answer(reader)
+    writer.close()
+    seconds = served.config.http.metrics.registry.get_sample_value(  # type: ignore[union-attr]
+        "vae_request_duration_seconds_sum", {"endpoint": "/decode"}
+    )
+    assert (status, answered[0]) == (200, 1)
+    assert seconds is not None and seconds >= 0.3
 
 
 @pytest.mark.parametrize(("key", "status", "taken"), [(b"wrong", 401, 0), (b"s3cret", 200, 1)])
