@@ -163,7 +163,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     _counted = False  # in `activity` and vae_connections_open
     direct: DirectAnswers | None = None  # requests answered past uvicorn's ASGI cycle (fastpath.DirectAnswers)
     _held: list[bytes] | None = None  # the body so far of a request `direct` may answer, held back from uvicorn
-    _held_bytes = 0
     _answering = False  # a request is being answered directly
     _busy = False
     _answer: tuple[float, GuardedHttpProtocol] | None = None
@@ -276,7 +275,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             and self.parser.get_http_version() == "1.1" and not self.parser.should_upgrade()
             and direct.takes(self.parser.get_method(), self.url, self.headers)
         ):
-            self._held, self._held_bytes = [], 0  # uvicorn hears of it once its body is in, if at all
+            self._held = []  # uvicorn hears of it once its body is in, if at all
             return
         self._held = None
         self._to_uvicorn()
@@ -292,8 +291,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             super().on_body(body)
             return
         self._held.append(body)
-        self._held_bytes += len(body)
-        if self.direct is not None and self._held_bytes > self.direct.max_body:  # more than it declared: uvicorn's
+        if self.direct is not None and self.body_bytes > self.direct.max_body:  # more than it declared: uvicorn's
             self._release(b"".join(self._held))
 
     def shutdown(self) -> None:
