@@ -292,16 +292,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._held.append(body)
         if self.direct is not None and self.body_bytes > self.direct.max_body:  # more than it declared: uvicorn's
-            self._release(b"".join(self._held))
+            self._release()
 
     def shutdown(self) -> None:
         """uvicorn's, on a graceful shutdown: it lets a request in progress finish, one held for a direct answer too."""
         if self._held is not None:
-            self._release(b"".join(self._held))
+            self._release()
         super().shutdown()
 
-    def _release(self, body: bytes) -> None:
+    def _release(self) -> None:
         """Hand a held request to uvicorn after all, as if it had never been held: its ASGI task has not run yet."""
+        body = b"".join(self._held or ())
         self._held = None
         self._to_uvicorn()
         if body:
@@ -315,7 +316,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         body = b"".join(self._held)
         parsed = self.direct.parse(self.url, body) if self.direct is not None else None
         if parsed is None:
-            self._release(body)
+            self._release()
             super().on_message_complete()
             return
         self._held = None
@@ -391,7 +392,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def time_out(self) -> None:
         """Answer 408 unless an answer is already on its way, and close the connection."""
         if self._held is not None:  # a body late for a direct answer: the app answers and logs it, as any other
-            self._release(b"".join(self._held))
+            self._release()
         cycle = self.cycle
         answering = cycle is not None and not cycle.response_complete
         if self.head_at is not None and answering:
