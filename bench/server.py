@@ -142,10 +142,10 @@ def batcher_stats(
 @contextmanager
 def running_server(
     model_dir: Path, env: dict[str, str], log_path: Path, ready_timeout_s: float = 120,
-    command: Callable[[int], list[str]] | None = None, ready_path: str = "/readyz",
+    command: Callable[[int], list[str]] | None = None, ready_path: str = "/readyz", cwd: Path | None = None,
 ) -> Iterator[Server]:
-    """Start the server (vae-serve, or `command(port)`); yield it once `ready_path` answers 200 (ready_s counts
-    from just before the process starts).
+    """Start the server (vae-serve, or `command(port)`, in `cwd`); yield it once `ready_path` answers 200 (ready_s
+    counts from just before the process starts).
 
     The bench's own VAE_* variables replace any in the caller's environment, so a stray VAE_API_KEY or
     VAE_MAX_BATCH_SIZE cannot change what is measured without being recorded."""
@@ -157,7 +157,9 @@ def running_server(
     started = time.perf_counter()
     argv = server_command() if command is None else command(port)
     # A session of its own: what the server started (LitServe's worker processes) is stopped with it below.
-    process = subprocess.Popen(argv, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        argv, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
+    )
     try:
         with httpx.Client(timeout=1) as client:
             while True:
