@@ -137,8 +137,8 @@ def measure_service(args: argparse.Namespace, models: list[str], workloads: dict
         for s in load.scenarios(models):
             ref = report.TARGET_REFERENCES.get((s.request, s.concurrency)) if s.model == report.TARGET_MODEL else None
             for _ in range(args.repeat if ref else 1):
+                time.sleep(0.5)  # let the previous run's last answers drain, before the in-process timing too
                 before = workloads[s.model].measure(*ref, threads_setting, args.min_time) if ref else None
-                time.sleep(0.5)  # let the previous run's last answers drain
                 body, content_type = bodies[s]
                 run = load.measure(server, s, body, content_type, args.duration, args.wrk_threads)
                 if ref and before:
@@ -168,9 +168,13 @@ def measure_service(args: argparse.Namespace, models: list[str], workloads: dict
     }
 
 
-def measure_baselines(args: argparse.Namespace, model: str, workdir: Path) -> list[dict[str, Any]]:
+def measure_baselines(
+    args: argparse.Namespace, model: str, workdir: Path, workload: ceiling.Workload | None = None
+) -> list[dict[str, Any]]:
     """The same `sample n=1` scenarios as the service, against each general-purpose baseline (bench/baselines.py),
-    each started fresh with torch's default threads and warmed up like the service."""
+    each started fresh with torch's default threads and warmed up like the service. A one-connection run is paired
+    with in-process batch-1 timings just before and after it, as the service's lone-request target is: whether a
+    bare server (the floor) meets that target on the machine, measured in the same minutes."""
     model_dir = (args.models_dir / model).resolve()
     env = dict(args.extra_env)  # OMP_NUM_THREADS and the like apply to them too
     env["VAE_PNG_COMPRESSION"] = args.png_compression  # the same PNGs as the service's (baselines.png_level)
@@ -187,13 +191,19 @@ def measure_baselines(args: argparse.Namespace, model: str, workdir: Path) -> li
                 for s, (body, content_type) in bodies.items():  # warm-up, as the service's
                     load.run_wrk(f"{server.url}/{s.endpoint}", body, content_type, s.accept, s.concurrency, 1.0)
                 for s, (body, content_type) in bodies.items():
-                    time.sleep(0.5)
+                    time.sleep(0.5)  # a server that cannot tell a client has gone works off the last run's backlog
+                    lone = workload is not None and s.concurrency == 1
+                    before = workload.measure("decode+png", 1, 0, args.min_time) if lone and workload else None
                     run = load.measure(server, s, body, content_type, args.duration, args.wrk_threads)
                     run |= {"server": name, "ready_s": server.ready_s, "memory_mib": server.memory_mb()}
+                    if before is not None and workload is not None:
+                        run["paired_ceiling"] = report.paired(before, workload.measure("decode+png", 1, 0, args.min_time))
                     runs.append(run)
                     say(f"  {name:8} {s.request:12} c={s.concurrency:<3} {run['images_per_s']:9.1f} images/s  "
                         f"p50 {run['latency_ms']['p50']:8.1f} ms  p99 {run['latency_ms']['p99']:8.1f} ms  "
-                        f"errors {run['non_2xx'] + sum(run['socket_errors'].values())}")
+                        f"errors {run['non_2xx'] + sum(run['socket_errors'].values())}"
+                        + (f"  p50 {run['latency_ms']['p50'] / (1000 * run['paired_ceiling']['median_s']):.2f}x in-process"
+                           if "paired_ceiling" in run else ""))
         except (RuntimeError, OSError) as exc:  # LitServe not installed, say: the others still count
             say(f"baseline {name} did not run: {str(exc)[-600:]}")
     return runs
@@ -280,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["targets"] += [t.as_dict() for t in report.targets(service, results["ceiling"])]
         if args.only in (None, "baselines"):
             model = report.TARGET_MODEL if report.TARGET_MODEL in models else models[0]
-            results["baselines"] = measure_baselines(args, model, Path(tmp))
+            workload = workloads.get(model) or ceiling.Workload.load(artifacts[model], device, dtype, sizes, png_level)
+            results["baselines"] = measure_baselines(args, model, Path(tmp), workload)
 
     results["machine"]["load_average_end"] = list(os.getloadavg())
     json_path, md_path = write_results(results, args.out)

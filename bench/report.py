@@ -110,7 +110,7 @@ def _judged(service: dict[str, Any], ceiling: list[dict[str, Any]], request: str
     --repeat times, against its paired in-process timing (else the ceiling table's). None: not measured."""
     mode, batch = TARGET_REFERENCES[(request, concurrency)]
     fallback = find_ceiling(ceiling, TARGET_MODEL, mode, batch, service["threads_setting"])
-    scored = []
+    scored: list[tuple[float, int, dict[str, Any], dict[str, Any]]] = []
     for run in find_runs(service, TARGET_MODEL, request, concurrency):
         ref = reference(run, mode, batch, fallback)
         if ref is not None:
@@ -236,15 +236,17 @@ def baselines_table(results: dict[str, Any]) -> list[str]:
         ours = find_runs(service, run["model"], run["request"], run["concurrency"]) if service else []
         ours_ips = statistics.median(r["images_per_s"] for r in ours) if ours else None
         ours_p50 = statistics.median(r["latency_ms"]["p50"] for r in ours) if ours else None
+        pair = run.get("paired_ceiling")
         rows.append([
             run["server"], run["model"], run["request"], str(run["concurrency"]), num(run["images_per_s"]),
-            num(run["latency_ms"]["p50"]), num(run["latency_ms"]["p99"]), _errors(run), num(ours_ips), num(ours_p50),
+            num(run["latency_ms"]["p50"]), f"{run['latency_ms']['p50'] / (1000 * pair['median_s']):.2f}x" if pair else "-",
+            num(run["latency_ms"]["p99"]), _errors(run), num(ours_ips), num(ours_p50),
             f"{ours_ips / run['images_per_s']:.1f}x" if ours_ips and run["images_per_s"] else "-",
             num(run["server_cpu_cores"], 2), num(run["ready_s"], 2), num(run["memory_mib"]["rss"], 0),
         ])
-    header = ["server", "model", "request", "conc.", "images/s", "p50 ms", "p99 ms", "errors", "vae-serve images/s",
-              "vae-serve p50 ms", "vae-serve vs it", "server CPU", "ready s", "RSS MiB"]
-    return _table(header, "lllrrrrlrrrrrr", rows)
+    header = ["server", "model", "request", "conc.", "images/s", "p50 ms", "p50 vs in-process", "p99 ms", "errors",
+              "vae-serve images/s", "vae-serve p50 ms", "vae-serve vs it", "server CPU", "ready s", "RSS MiB"]
+    return _table(header, "lllrrrrrlrrrrrr", rows)
 
 
 def target_table(items: list[dict[str, Any]]) -> list[str]:
@@ -302,7 +304,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "", "## General-purpose servers, same model, same PNGs (bench/baselines.py)", "",
             "Each started fresh with torch's default threads; `vae-serve` columns: the service at its default, the "
-            "same threads on a CPU, one on a GPU (the median where a scenario ran more than once).", "",
+            "same threads on a CPU, one on a GPU (the median where a scenario ran more than once). `p50 vs in-process`: "
+            "a one-connection run's p50 over the in-process batch-1 decode+PNG time (torch's default threads) measured "
+            "just before and just after it, as the lone-request target judges vae-serve.", "",
             *baselines_table(results),
         ]
     return "\n".join(lines) + "\n"

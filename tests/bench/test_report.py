@@ -26,16 +26,24 @@ def results() -> dict[str, Any]:
     return {
         "machine": {"torch_default_threads": 2},
         "service": [{"threads_setting": t, "runs": runs} for t, runs in service_at.items()],
-        "baselines": [run("fastapi", 64, 370.0, 170.0), run("litserve", 8, 300.0, 26.0)],
+        "baselines": [
+            run("fastapi", 64, 370.0, 170.0), run("litserve", 8, 300.0, 26.0),
+            run("asgi", 1, 500.0, 2.6) | {"paired_ceiling": {"mode": "decode+png", "batch": 1, "median_s": 0.002}},
+        ],
     }
 
 
 def test_each_baseline_sits_beside_the_services_median_at_torchs_default_threads() -> None:
-    header, _, fastapi, litserve = baselines_table(results())
-    assert header.startswith("| server | model | request | conc. | images/s")
-    assert fastapi.startswith("| fastapi | faces | sample n=1 | 64 | 370.0 | 170.0 |")
+    header, _, fastapi, litserve, _ = baselines_table(results())
+    assert header.startswith("| server | model | request | conc. | images/s | p50 ms | p50 vs in-process |")
+    assert fastapi.startswith("| fastapi | faces | sample n=1 | 64 | 370.0 | 170.0 | - |")
     assert "| 740.0 | 85.0 | 2.0x |" in fastapi  # the median of the three 2-thread runs; 740 / 370
-    assert "| 300.0 | 26.0 | 52.0 | 0 | - | - | - |" in litserve  # no vae-serve run at 8 connections: no comparison
+    assert "| 300.0 | 26.0 | - | 52.0 | 0 | - | - | - |" in litserve  # no vae-serve run at 8 connections: no comparison
+
+
+def test_a_lone_baseline_run_is_judged_against_its_paired_in_process_time_as_vae_serve_s_is() -> None:
+    *_, floor = baselines_table(results())
+    assert floor.startswith("| asgi | faces | sample n=1 | 1 | 500.0 | 2.6 | 1.30x |")  # 2.6 ms over 2.0 in-process
 
 
 def test_the_report_has_a_baselines_section_only_when_they_ran() -> None:
