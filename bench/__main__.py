@@ -168,9 +168,7 @@ def measure_service(args: argparse.Namespace, models: list[str], workloads: dict
     }
 
 
-def measure_baselines(
-    args: argparse.Namespace, model: str, workdir: Path, workload: ceiling.Workload | None = None
-) -> list[dict[str, Any]]:
+def measure_baselines(args: argparse.Namespace, model: str, workdir: Path, workload: ceiling.Workload) -> list[dict[str, Any]]:
     """The same `sample n=1` scenarios as the service, against each general-purpose baseline (bench/baselines.py),
     each started fresh with torch's default threads and warmed up like the service. A one-connection run is paired
     with in-process batch-1 timings just before and after it, as the service's lone-request target is: whether a
@@ -192,18 +190,17 @@ def measure_baselines(
                     load.run_wrk(f"{server.url}/{s.endpoint}", body, content_type, s.accept, s.concurrency, 1.0)
                 for s, (body, content_type) in bodies.items():
                     time.sleep(0.5)  # a server that cannot tell a client has gone works off the last run's backlog
-                    lone = workload is not None and s.concurrency == 1
-                    before = workload.measure("decode+png", 1, 0, args.min_time) if lone and workload else None
+                    before = workload.measure("decode+png", 1, 0, args.min_time) if s.concurrency == 1 else None
                     run = load.measure(server, s, body, content_type, args.duration, args.wrk_threads)
                     run |= {"server": name, "ready_s": server.ready_s, "memory_mib": server.memory_mb()}
-                    if before is not None and workload is not None:
+                    lone = ""
+                    if before is not None:
                         run["paired_ceiling"] = report.paired(before, workload.measure("decode+png", 1, 0, args.min_time))
+                        lone = f"  p50 {run['latency_ms']['p50'] / (1000 * run['paired_ceiling']['median_s']):.2f}x in-process"
                     runs.append(run)
                     say(f"  {name:8} {s.request:12} c={s.concurrency:<3} {run['images_per_s']:9.1f} images/s  "
                         f"p50 {run['latency_ms']['p50']:8.1f} ms  p99 {run['latency_ms']['p99']:8.1f} ms  "
-                        f"errors {run['non_2xx'] + sum(run['socket_errors'].values())}"
-                        + (f"  p50 {run['latency_ms']['p50'] / (1000 * run['paired_ceiling']['median_s']):.2f}x in-process"
-                           if "paired_ceiling" in run else ""))
+                        f"errors {run['non_2xx'] + sum(run['socket_errors'].values())}{lone}")
         except (RuntimeError, OSError) as exc:  # LitServe not installed, say: the others still count
             say(f"baseline {name} did not run: {str(exc)[-600:]}")
     return runs
