@@ -325,7 +325,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # lost connection or a shutdown is noted on it.
         self.cycle = answering = _Answering(self.scope)  # type: ignore[assignment,arg-type]
         # timed from its head, as the app times a request from the moment uvicorn hands it over
-        started = time.perf_counter() - (self.loop.time() - (self.head_at or self.loop.time()))
+        now = self.loop.time()
+        started = time.perf_counter() - (now - (self.head_at or now))
         task = self.loop.create_task(self._answer_directly(answering, parsed, started))
         task.add_done_callback(self.tasks.discard)  # as uvicorn keeps its own: a graceful shutdown waits for them
         self.tasks.add(task)
