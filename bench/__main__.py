@@ -10,7 +10,6 @@ import re
 import shlex
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bench import baselines, ceiling, load, report
+from bench import baselines, ceiling, load, provenance, report
 from bench.server import running_server
 from service import cpus, graphs, imaging
 from service.artifact import ArtifactError, read_artifact
@@ -82,19 +81,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def git_commit() -> str | None:
-    """HEAD, and whether service/ differs from it (the code being measured)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        modified = " (service/ modified)" if git("status", "--porcelain", "service") else ""
-        return git("rev-parse", "--short", "HEAD") + modified
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def machine(device: torch.device) -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo")
     names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE) if cpuinfo.exists() else []
@@ -111,7 +97,7 @@ def machine(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "commit": git_commit(),
+        "commit": provenance.git_commit(REPO),
         "load_average_start": list(os.getloadavg()),
     }
 
@@ -193,14 +179,14 @@ def measure_baselines(args: argparse.Namespace, model: str, workdir: Path, workl
                     before = workload.measure("decode+png", 1, 0, args.min_time) if s.concurrency == 1 else None
                     run = load.measure(server, s, body, content_type, args.duration, args.wrk_threads)
                     run |= {"server": name, "ready_s": server.ready_s, "memory_mib": server.memory_mb()}
-                    lone = ""
                     if before is not None:
                         run["paired_ceiling"] = report.paired(before, workload.measure("decode+png", 1, 0, args.min_time))
-                        lone = f"  p50 {run['latency_ms']['p50'] / (1000 * run['paired_ceiling']['median_s']):.2f}x in-process"
                     runs.append(run)
+                    lone = report.lone_ratio(run)
                     say(f"  {name:8} {s.request:12} c={s.concurrency:<3} {run['images_per_s']:9.1f} images/s  "
                         f"p50 {run['latency_ms']['p50']:8.1f} ms  p99 {run['latency_ms']['p99']:8.1f} ms  "
-                        f"errors {run['non_2xx'] + sum(run['socket_errors'].values())}{lone}")
+                        f"errors {run['non_2xx'] + sum(run['socket_errors'].values())}"
+                        + (f"  p50 {lone:.2f}x in-process" if lone is not None else ""))
         except (RuntimeError, OSError) as exc:  # LitServe not installed, say: the others still count
             say(f"baseline {name} did not run: {str(exc)[-600:]}")
     return runs
@@ -212,7 +198,7 @@ def results_name(results: dict[str, Any]) -> str:
     machine = results["machine"]
     host = "-".join(filter(None, (machine["host"], machine.get("device_name"))))
     stamp = results["started"].replace("-", "").replace(":", "").replace(" UTC", "Z").replace(" ", "T")
-    return f"{stamp}-" + re.sub(r"[^a-z0-9.-]+", "-", host.lower()).strip("-")
+    return f"{stamp}-" + provenance.file_name_part(host)
 
 
 def write_results(results: dict[str, Any], out: Path) -> tuple[Path, Path]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from bench import load
+from bench import load, provenance
 from bench.server import Server, running_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,13 +78,12 @@ def source_tree(ref: str) -> Iterator[tuple[Path, str | None]]:
     else the revision checked out into a temporary git worktree, removed afterwards."""
     directory = Path(ref)
     if directory.is_dir():
-        commit = _git("rev-parse", "--short", "HEAD", cwd=directory)
-        if commit and _git("status", "--porcelain", "service", cwd=directory):
-            commit += " (service/ modified)"
-        yield directory.resolve(), commit
+        yield directory.resolve(), provenance.git_commit(directory)
         return
-    commit = _git("rev-parse", "--short", "--verify", f"{ref}^{{commit}}", cwd=REPO)
-    if commit is None:
+    found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "--verify", f"{ref}^{{commit}}"],
+                           capture_output=True, text=True, check=False)
+    commit = found.stdout.strip()
+    if found.returncode or not commit:
         raise SystemExit(f"{ref!r} is neither a directory nor a git revision of {REPO}")
     with tempfile.TemporaryDirectory(prefix=f"vae-serve-ab-{commit}-") as parent:
         tree = Path(parent) / "tree"
@@ -106,20 +105,11 @@ def check_imports_from(tree: Path) -> None:
         raise SystemExit(f"{tree} does not hold the service the server would import ({found or out.stderr.strip()})")
 
 
-def _git(*args: str, cwd: Path) -> str | None:
-    out = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, check=False)
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def schedule(rounds: int) -> list[tuple[tuple[str, str], tuple[str, str]]]:
-    """Per round: (the order the two servers were started in, the order they are loaded in). The first half of the
-    rounds runs with A started first, the second half with B; within each half the loading order alternates."""
-    half = rounds // 2
-    plan = []
-    for started in (SIDES, SIDES[::-1]):
-        for r in range(half):
-            plan.append((started, SIDES if r % 2 == 0 else SIDES[::-1]))
-    return plan
+def schedule(rounds: int) -> list[tuple[tuple[str, str], list[tuple[str, str]]]]:
+    """(the order the two servers are started in, the order they are loaded in each round): half the rounds with A
+    started first, half with B; within each half the loading order alternates."""
+    orders = [SIDES if r % 2 == 0 else SIDES[::-1] for r in range(rounds // 2)]
+    return [(SIDES, orders), (SIDES[::-1], orders)]
 
 
 def loop_us_per_request(run: dict[str, Any]) -> float | None:
@@ -180,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         for side in SIDES:
             print(f"{side.upper()}: {refs[side]} ({sources[side][1] or 'no commit'}) {envs[side] or ''}", file=sys.stderr)
         body: tuple[Path, str] | None = None
-        plan = schedule(args.rounds)
-        for started in (SIDES, SIDES[::-1]):
+        for started, orders in schedule(args.rounds):
             with ExitStack() as servers:
                 up = {}
                 for side in started:  # one after the other: the second starts on a machine the first has settled on
@@ -195,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                     body = load.write_body(scenario, upload, Path(workdir))
                 for side in SIDES:  # TorchScript's first runs and the allocator's growth, before anything counts
                     load.run_wrk(f"{up[side].url}/{args.endpoint}", *body, scenario.accept, args.concurrency, 1.0)
-                for plan_started, order in plan:
-                    if plan_started != started:
-                        continue
+                for order in orders:
                     result: dict[str, Any] = {"started": list(started), "order": list(order)}
                     for side in order:
                         result[side] = brief(load.measure(up[side], scenario, *body, args.seconds, 1))
@@ -214,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds, "summary": summary,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    host = re.sub(r"[^a-z0-9.-]+", "-", socket.gethostname().lower()).strip("-")
-    path = args.out / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{host}-ab.json"
+    path = args.out / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{provenance.file_name_part(socket.gethostname())}-ab.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(report_text(results), end="")
     print(f"wrote {path}", file=sys.stderr)

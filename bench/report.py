@@ -81,6 +81,12 @@ def reference(run: dict[str, Any] | None, mode: str, batch: int, fallback: dict[
     return pair if pair and (pair["mode"], pair["batch"]) == (mode, batch) else fallback
 
 
+def lone_ratio(run: dict[str, Any]) -> float | None:
+    """A one-connection run's p50 over its paired in-process batch-1 time: what the lone-request target judges."""
+    pair = run.get("paired_ceiling")
+    return run["latency_ms"]["p50"] / (1000 * pair["median_s"]) if pair else None
+
+
 def add_ratios(service: dict[str, Any], ceiling: list[dict[str, Any]]) -> None:
     """Each run's images/s over the in-process ceiling named in it (same model and thread setting), paired where
     the run has a paired measurement of it."""
@@ -236,10 +242,10 @@ def baselines_table(results: dict[str, Any]) -> list[str]:
         ours = find_runs(service, run["model"], run["request"], run["concurrency"]) if service else []
         ours_ips = statistics.median(r["images_per_s"] for r in ours) if ours else None
         ours_p50 = statistics.median(r["latency_ms"]["p50"] for r in ours) if ours else None
-        pair = run.get("paired_ceiling")
+        lone = lone_ratio(run)
         rows.append([
             run["server"], run["model"], run["request"], str(run["concurrency"]), num(run["images_per_s"]),
-            num(run["latency_ms"]["p50"]), f"{run['latency_ms']['p50'] / (1000 * pair['median_s']):.2f}x" if pair else "-",
+            num(run["latency_ms"]["p50"]), f"{lone:.2f}x" if lone is not None else "-",
             num(run["latency_ms"]["p99"]), _errors(run), num(ours_ips), num(ours_p50),
             f"{ours_ips / run['images_per_s']:.1f}x" if ours_ips and run["images_per_s"] else "-",
             num(run["server_cpu_cores"], 2), num(run["ready_s"], 2), num(run["memory_mib"]["rss"], 0),
