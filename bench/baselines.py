@@ -35,7 +35,6 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.types import Receive, Scope, Send
 
 from service import batcher, imaging, malloc
-from service.fastpath import read_body
 from service.repository import load_model, pick_device
 
 BASELINES = ("fastapi", "litserve", "asgi")
@@ -82,6 +81,18 @@ def fastapi_app(model_dir: Path, device: str) -> FastAPI:
         return Response(imaging.png_bytes(pixels[0], level), media_type="image/png")
 
     return app
+
+
+async def read_body(receive: Receive) -> bytes | None:
+    """A request's whole body, or None if the client went away first."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def asgi_app(model_dir: Path, device: str) -> Callable[[Scope, Receive, Send], Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import secrets
@@ -24,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access import CLIENT_CLOSED_REQUEST, count_failure, log_request, request_id_from
 from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
-from service.fastpath import DirectAnswers, LeanRoutes
+from service.fastpath import DirectAnswers
 from service.http_protocol import OVER_LIMIT, TIMED_OUT
 from service.metrics import Metrics
 from service.routes import is_json, media_type, metrics_router, probes, router
@@ -172,13 +173,11 @@ class LimitsAndAccessLog:
 
 
 class VaeServe(FastAPI):
-    """The FastAPI app, with the two middlewares every HTTP request passes (`front`: limits and the access log, then the
-    busy routes of fastpath.py) in front of FastAPI's own stack rather than inside it. A busy route's request then
-    never enters that stack: FastAPI's check for an OpenTelemetry provider (3 us, reading `os.environ` while none is
-    set), Starlette's error middleware, FastAPI's telemetry and body-limit middleware. With uvicorn's proxy-headers
-    middleware left out too (server.py), mnist at 64 connections on 2 cores 4,010 -> 4,701 requests/s, faster in 4 of
-    4 rounds; faces, whose lanes set its pace, 1,294 -> 1,304 (alternating servers; bench/README.md). Every other
-    request goes on into FastAPI's stack as before, OpenTelemetry's server span included."""
+    """The FastAPI app, with the middleware every HTTP request passes (`front`: limits, the access line, the metrics and
+    the X-Request-ID) in front of FastAPI's own stack rather than inside it: it sees every answer as it went out,
+    Starlette's 500 included, and its `observe` is what the protocol's direct answers (fastpath.py) share with the
+    app. Those never enter the app; every other request goes on into FastAPI's stack, OpenTelemetry's server span
+    included."""
 
     front: ASGIApp | None = None
 
@@ -371,22 +370,23 @@ def create_app(settings: Settings | None = None, *, wait_for_models: bool = Fals
     app.include_router(probes)
     app.include_router(metrics_router, dependencies=auth if settings.metrics_require_key else [])
     _install_error_handlers(app)
-    busy_routes = LeanRoutes(app.behind_front, fastapi=app, key_matches=key_matches)
     app.front = limits = LimitsAndAccessLog(
-        busy_routes, max_body_bytes=settings.max_body_bytes, max_bodies_bytes=settings.max_body_bytes_in_flight,
+        app.behind_front, max_body_bytes=settings.max_body_bytes, max_bodies_bytes=settings.max_body_bytes_in_flight,
         max_connections=settings.max_connections, metrics=metrics,
     )
-    if origins := settings.cors_origin_list:
-        app.front = cors(app.front, origins)
+    answers_cors = functools.partial(cors, origins=origins) if (origins := settings.cors_origin_list) else None
+    if answers_cors is not None:
+        app.front = answers_cors(app.front)
     # server.config hands it to the HTTP protocol
-    app.state.direct = DirectAnswers(app, busy_routes, limits.observe, key_matches, cors=bool(origins))
+    app.state.direct = DirectAnswers(app, limits.observe, key_matches, answers_cors)
     return app
 
 
 def cors(app: ASGIApp, origins: list[str]) -> ASGIApp:
-    """Starlette's CORS middleware in front of every route, the busy ones included: it answers a browser's preflight
-    (before the API key, which a preflight never carries) and marks the answers to `origins` as readable by their
-    pages, errors too. Pages may send the headers the API reads and read the ones it sets."""
+    """Starlette's CORS middleware in front of every route (and around the protocol's direct answers: fastpath.py): it
+    answers a browser's preflight (before the API key, which a preflight never carries) and marks the answers to
+    `origins` as readable by their pages, errors too. Pages may send the headers the API reads and read the ones it
+    sets."""
     return CORSMiddleware(
         app, allow_origins=origins, allow_methods=["GET", "HEAD", "POST"],
         allow_headers=["authorization", "content-type", "accept", "x-request-id"],

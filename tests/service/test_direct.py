@@ -196,17 +196,24 @@ async def test_with_an_api_key_only_a_request_that_has_it_is_answered_directly(
     assert (got, answered[0]) == (status, taken)
 
 
-async def test_a_request_from_a_page_is_the_app_s_where_it_answers_cors(
-    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "origin",
+    [b"origin: https://app.example.com\r\n", b"origin: https://elsewhere.example.com\r\n", b""],
+    ids=["an allowed page", "another page", "no page"],
+)
+async def test_where_the_server_answers_cors_a_page_s_request_is_answered_directly_with_the_app_s_cors_headers(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch, origin: bytes
 ) -> None:
     settings = Settings(model_dir=tiny_models, port=0, cors_origins="https://app.example.com")
-    async with running(settings) as (port, served):
+    async with running(settings) as (port, served), running(settings, direct=False) as (app_port, _):
         answered = count_direct(served, monkeypatch)
-        ((status, headers, _),) = await ask(port, post(b'{"model": "mnist"}', headers=b"origin: https://app.example.com\r\n"))
-        ((_, plain, _),) = await ask(port, post(b'{"model": "mnist"}'))
-    assert status == 200 and headers[b"access-control-allow-origin"] == b"https://app.example.com"
-    assert b"access-control-allow-origin" not in plain
-    assert answered[0] == 1  # the request without an Origin
+        for request in (post(b'{"model": "mnist", "seed": 1}', headers=origin), post(b'{"model": "nope"}', headers=origin)):
+            (direct,) = await ask(port, request)
+            (through_the_app,) = await ask(app_port, request)
+            assert comparable(direct) == comparable(through_the_app)
+    assert answered[0] == 2
+    if b"app.example.com" in origin:
+        assert direct[1][b"access-control-allow-origin"] == b"https://app.example.com"
 
 
 async def test_a_client_that_leaves_before_its_answer_takes_nothing_down(

@@ -193,7 +193,7 @@ async def test_requests_while_the_models_load_get_503_with_retry_after_not_500(
         ("/sample", "application/json", b'{"model": "fa'),
         ("/encode", "multipart/form-data; boundary=b", b'--b\r\ncontent-disposition: form-data; name="model"\r\n\r\nfaces'),
         ("/encode", "application/json", b'{"model": "faces", "images": ["iVBO'),
-        ("/sample", "text/plain", b'{"model": "fa'),  # one for FastAPI's own stack
+        ("/sample", "text/plain", b'{"model": "fa'),  # a JSON route's body sent as text
     ],
 )
 async def test_a_client_gone_before_its_body_is_in_is_logged_499_and_counted_apart_from_server_errors(
