@@ -86,8 +86,9 @@ class DirectAnswers:
     /encode), answered from the HTTP protocol (`http_protocol.GuardedHttpProtocol`) rather than through uvicorn's ASGI
     cycle and the app's middleware. The route, its validation, the app's exception handlers, the metrics, the access
     line and the X-Request-ID are the app's own; what is left out is uvicorn's request cycle and task, the ASGI
-    messages and the middleware's wrappers, and the answer goes out in one write. On 2 cores, alternating servers (6
-    rounds each; bench/README.md): faces `/sample` at 64 connections 1,347 -> 1,431 images/s (faster in 6 of 6), mnist
+    messages and the middleware's wrappers, and the answer goes out in one write. On 2 cores, against the lean
+    middleware that took these routes past FastAPI's layers before (alternating servers, 6 rounds each;
+    bench/README.md): faces `/sample` at 64 connections 1,347 -> 1,431 images/s (faster in 6 of 6), mnist
     5,192 -> 6,471 requests/s (5 of 6); mnist `/decode` 3,581 -> 4,411 (6 of 6).
 
     The protocol asks `takes` once a request's head is in, holding uvicorn's handling of it back, then `parse` once its
