@@ -45,6 +45,13 @@ def env_item(text: str) -> tuple[str, str]:
     return name, value
 
 
+def header_item(text: str) -> str:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip() or name != name.strip() or any(c in text for c in "\r\n"):
+        raise argparse.ArgumentTypeError(f"takes 'NAME: VALUE', not {text!r}")
+    return f"{name}: {value.strip()}"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="POST /sample, or POST /encode of one image the model drew (default sample)")
     p.add_argument("--n", type=int, default=1, help="images per /sample request (default 1)")
     p.add_argument("--json", action="store_true", help="ask for JSON (Accept: application/json) instead of a PNG")
+    p.add_argument("--header", action="append", default=[], type=header_item, metavar="'NAME: VALUE'",
+                   help="a request header wrk sends on every request (repeatable), e.g. 'Origin: https://app.example.com'")
     p.add_argument("--concurrency", type=int, default=64, help="wrk's connections (default 64)")
     p.add_argument("--rounds", type=int, default=8, help="rounds, each server once in each; even (default 8)")
     p.add_argument("--seconds", type=float, default=4.0, help="seconds of load per server per round (default 4)")
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load.wrk_version()  # exits with how to install wrk where it is missing
     scenario = load.Scenario(args.model, args.endpoint, args.n if args.endpoint == "sample" else 1, args.concurrency,
-                             "application/json" if args.json else "image/png")
+                             "application/json" if args.json else "image/png", tuple(args.header))
     envs = {side: dict([*args.env, *getattr(args, f"env_{side}")]) for side in SIDES}
     refs = {"a": args.a, "b": args.b}
     rounds: list[dict[str, Any]] = []
@@ -183,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                     upload = drawn_image(up["a"], args.model) if args.endpoint == "encode" else b""
                     body = load.write_body(scenario, upload, Path(workdir))
                 for side in SIDES:  # TorchScript's first runs and the allocator's growth, before anything counts
-                    load.run_wrk(f"{up[side].url}/{args.endpoint}", *body, scenario.accept, args.concurrency, 1.0)
+                    load.run_wrk(f"{up[side].url}/{args.endpoint}", *body, scenario.accept, args.concurrency, 1.0,
+                                 headers=scenario.headers)
                 for order in orders:
                     result: dict[str, Any] = {"started": list(started), "order": list(order)}
                     for side in order:
@@ -197,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "schema": 1, "started": datetime.now(UTC).isoformat(), "command": " ".join(["python -m bench.ab", *(argv or sys.argv[1:])]),
         "sides": {side: {"ref": refs[side], "commit": sources[side][1], "env": envs[side]} for side in SIDES},
         "scenario": {"model": scenario.model, "endpoint": f"/{scenario.endpoint}", "request": scenario.request,
-                     "concurrency": scenario.concurrency, "seconds": args.seconds},
+                     "concurrency": scenario.concurrency, "headers": list(scenario.headers), "seconds": args.seconds},
         "rounds": rounds, "summary": summary,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def report_text(results: dict[str, Any]) -> str:
     s, scenario = results["summary"], results["scenario"]
-    lines = [f"{scenario['model']} {scenario['request']} at {scenario['concurrency']} connections, "
+    headers = "".join(f", {header}" for header in scenario.get("headers", ()))
+    lines = [f"{scenario['model']} {scenario['request']} at {scenario['concurrency']} connections{headers}, "
              f"{s['rounds']} rounds of {scenario['seconds']:g} s each way (medians):"]
     for side in SIDES:
         m, about = s[side], results["sides"][side]

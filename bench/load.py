@@ -26,6 +26,7 @@ class Scenario:
     n: int  # images per request
     concurrency: int
     accept: str = "image/png"  # /sample: one PNG (a grid for n > 1); application/json: one PNG per image
+    headers: tuple[str, ...] = ()  # more request headers, "Name: value" (bench.ab --header: a page's Origin, say)
 
     @property
     def op(self) -> str:
@@ -101,12 +102,14 @@ def _children_cpu_seconds() -> float:
 
 def run_wrk(
     url: str, body: Path, content_type: str, accept: str, concurrency: int, duration_s: float, threads: int = 1,
+    headers: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """One wrk run; what post.lua's `done` printed. The timeout is the service's own (30 s), so a slow answer
-    counts as slow, not as a wrk error."""
+    counts as slow, not as a wrk error. `headers`: more request headers, "Name: value"."""
     command = [
         "wrk", f"-t{min(threads, concurrency)}", f"-c{concurrency}", f"-d{max(1, round(duration_s))}s",
-        "--timeout", "30s", "-s", str(LUA), url, "--", str(body), content_type, accept,
+        "--timeout", "30s", *(arg for header in headers for arg in ("-H", header)),
+        "-s", str(LUA), url, "--", str(body), content_type, accept,
     ]
     out = subprocess.run(command, capture_output=True, text=True, timeout=duration_s + 90, check=False)
     for line in out.stdout.splitlines():
@@ -123,7 +126,7 @@ def measure(server: Server, scenario: Scenario, body: Path, content_type: str, d
     (cpu, loop_cpu), busy, wrk_cpu = server.cpu_seconds(), machine_busy_seconds(), _children_cpu_seconds()
     started = time.perf_counter()
     wrk = run_wrk(f"{server.url}/{scenario.endpoint}", body, content_type, scenario.accept, scenario.concurrency,
-                  duration_s, wrk_threads)
+                  duration_s, wrk_threads, scenario.headers)
     wall = time.perf_counter() - started
     (cpu_after, loop_cpu_after), busy = server.cpu_seconds(), machine_busy_seconds() - busy
     cpu, loop_cpu = cpu_after - cpu, loop_cpu_after - loop_cpu

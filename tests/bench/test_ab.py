@@ -24,6 +24,13 @@ def test_an_odd_or_empty_number_of_rounds_is_refused(rounds: str) -> None:
         parse_args(["HEAD", ".", "--rounds", rounds])
 
 
+def test_a_header_is_taken_as_name_colon_value_and_anything_else_is_refused() -> None:
+    assert parse_args(["HEAD", ".", "--header", "Origin:https://a.example"]).header == ["Origin: https://a.example"]
+    for wrong in ("Origin", ": x", " Origin: x", "Origin: x\r\nHost: y"):
+        with pytest.raises(SystemExit):
+            parse_args(["HEAD", ".", "--header", wrong])
+
+
 def side(images_per_s: float, p50: float = 1.0, errors: int = 0) -> dict[str, Any]:
     return {"images_per_s": images_per_s, "requests_per_s": images_per_s, "p50_ms": p50, "p99_ms": 2 * p50,
             "loop_us_per_request": 100.0, "errors": errors}
