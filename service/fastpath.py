@@ -92,10 +92,10 @@ class DirectAnswers:
     5,192 -> 6,471 requests/s (5 of 6); mnist `/decode` 3,581 -> 4,411 (6 of 6).
 
     The protocol asks `takes` once a request's head is in, holding uvicorn's handling of it back, then `parse` once its
-    body is. A request declined at either step (another method or path, a query string, no JSON content type on a JSON
-    route, no Content-Length or a body over `max_body`, a wrong API key, models loading, a JSON body that is not valid)
-    goes to uvicorn and the app as if it had never been held, so every answer but the common ones is the app's as
-    ever. `/encode` reads its own body (a form or JSON), and answers what is wrong with it itself, as through the app.
+    body is. A request declined at either step (another method or path, no JSON content type on a JSON route, no
+    Content-Length or a body over `max_body`, a wrong API key, models loading, a JSON body that is not valid) goes to
+    uvicorn and the app as if it had never been held, so every answer but the common ones is the app's as ever. A query
+    string is taken along: these routes read none, and FastAPI ignores one they do not declare. `/encode` reads its own body (a form or JSON), and answers what is wrong with it itself, as through the app.
     Where the server answers CORS (`cors`), Starlette's CORS middleware adds its headers to a direct answer as it does
     to the app's, so a page's requests are answered directly too.
 
@@ -124,7 +124,7 @@ class DirectAnswers:
         """From the request's head (header names in lower case, as uvicorn keeps them)."""
         if method != b"POST" or getattr(self.fastapi.state, "runtime", None) is None:
             return False
-        entry = self.routes.get(url)
+        entry = self.routes.get(url.partition(b"?")[0])
         if entry is None:
             return False
         length = content_type = None
@@ -147,7 +147,7 @@ class DirectAnswers:
     def parse(self, url: bytes, body: bytes) -> tuple[bytes, BaseModel | bytes] | None:
         """The request's path and its body, as the route takes it; None where a JSON body is not valid: the app answers
         it (FastAPI's 422, worded as ever). `url`: one that `takes` took."""
-        schema = self.routes[url][1]
+        schema = self.routes[url.partition(b"?")[0]][1]
         if schema is None:
             return url, body
         try:
@@ -160,8 +160,9 @@ class DirectAnswers:
         it, before the parts it fills in from the request line, which `takes` has read. `receive`: what comes after
         the body (a disconnect)."""
         url, body = parsed
-        path, _, route, fastapi_route = self.routes[url]
-        scope.update(method="POST", path=path, raw_path=url, query_string=b"", app=self.fastapi, route=fastapi_route)
+        raw_path, _, query = url.partition(b"?")
+        path, _, route, fastapi_route = self.routes[raw_path]
+        scope.update(method="POST", path=path, raw_path=raw_path, query_string=query, app=self.fastapi, route=fastapi_route)
         request = Request(scope, _replay(body, receive) if isinstance(body, bytes) else receive)
         runtime: Runtime = self.fastapi.state.runtime
         runtime.active += 1  # as LimitsAndAccessLog counts every request: `Runtime.alone`, the drain

@@ -88,7 +88,10 @@ REQUESTS = {
     "an invalid field": (post(b'{"model": "faces", "n": "x"}'), False),
     "not JSON": (post(b"model=faces", content_type=b"application/x-www-form-urlencoded"), False),
     "a body over 64 KiB": (post(b'{"model": "faces", "seed": 3}' + b" " * 66000), False),
-    "a query string": (post(b'{"model": "faces", "seed": 3}').replace(b"/sample", b"/sample?x=1", 1), False),
+    "a query string, which no route reads": (
+        post(b'{"model": "faces", "seed": 3}').replace(b"/sample", b"/sample?cache=no&x=%20", 1), True
+    ),
+    "a path only like a route's": (post(b'{"model": "faces", "seed": 3}').replace(b"/sample", b"/sample/", 1), False),
     "latents decoded": (post(b'{"model": "mnist", "z": [[0.5, -1], [0, 0]], "columns": 1}', path=b"/decode"), True),
     "a latent of the wrong size": (post(b'{"model": "faces", "z": [[0.5, -1]]}', path=b"/decode"), True),
     "a latent that is not finite": (post(b'{"model": "faces", "z": [[NaN]]}', path=b"/decode"), False),
