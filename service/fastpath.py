@@ -95,9 +95,10 @@ class DirectAnswers:
     body is. A request declined at either step (another method or path, no JSON content type on a JSON route, no
     Content-Length or a body over `max_body`, a wrong API key, models loading, a JSON body that is not valid) goes to
     uvicorn and the app as if it had never been held, so every answer but the common ones is the app's as ever. A query
-    string is taken along: these routes read none, and FastAPI ignores one they do not declare. `/encode` reads its own body (a form or JSON), and answers what is wrong with it itself, as through the app.
-    Where the server answers CORS (`cors`), Starlette's CORS middleware adds its headers to a direct answer as it does
-    to the app's, so a page's requests are answered directly too.
+    string is taken along: these routes read none, and FastAPI ignores one they do not declare. `/encode` reads its own
+    body (a form or JSON), and answers what is wrong with it itself, as through the app. Where the server answers CORS
+    (`cors`), Starlette's CORS middleware adds its headers to a direct answer as it does to the app's, so a page's
+    requests are answered directly too.
 
     A held body is not counted against VAE_MAX_BODY_BYTES_IN_FLIGHT: it is at most what uvicorn buffers of any
     request's body before it stops reading from its connection (HIGH_WATER_LIMIT), so it adds nothing to what the
