@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from bench import baselines, ceiling, load, provenance, report
-from bench.server import running_server
+from bench.server import env_item, running_server
 from service import cpus, graphs, imaging
 from service.artifact import ArtifactError, read_artifact
 from service.repository import discover, pick_device, pick_dtype
@@ -74,10 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--repeat takes a count of 1 or more")
     if any(t < 0 for t in args.threads):
         p.error("--threads takes counts of 0 or more (0: torch's default)")
-    for item in args.env:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", item):
-            p.error(f"--env takes NAME=VALUE, not {item!r}")
-    args.extra_env = dict(item.split("=", 1) for item in args.env)  # for the service and the baselines alike
+    try:
+        args.extra_env = dict(env_item(item) for item in args.env)  # for the service and the baselines alike
+    except argparse.ArgumentTypeError as exc:
+        p.error(f"--env {exc}")
     return args
 
 

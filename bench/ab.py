@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import socket
 import statistics
 import subprocess
@@ -32,17 +31,10 @@ from typing import Any
 import httpx
 
 from bench import load, provenance
-from bench.server import Server, running_server
+from bench.server import Server, env_item, running_server
 
 REPO = Path(__file__).resolve().parents[1]
 SIDES = ("a", "b")
-
-
-def env_item(text: str) -> tuple[str, str]:
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", text):
-        raise argparse.ArgumentTypeError(f"takes NAME=VALUE, not {text!r}")
-    name, value = text.split("=", 1)
-    return name, value
 
 
 def header_item(text: str) -> str:
@@ -139,11 +131,11 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
     a, b = out["a"]["images_per_s"], out["b"]["images_per_s"]
     out["b_over_a"] = b / a if a and b else None
-    out["b_faster_rounds"] = sum(r["b"]["images_per_s"] > r["a"]["images_per_s"] for r in rounds)
+    b_won = [r for r in rounds if r["b"]["images_per_s"] > r["a"]["images_per_s"]]
+    out["b_faster_rounds"] = len(b_won)
     out["rounds"] = len(rounds)
     for first in SIDES:
-        these = [r for r in rounds if r["started"][0] == first]
-        out[f"b_faster_rounds_{first}_started_first"] = sum(r["b"]["images_per_s"] > r["a"]["images_per_s"] for r in these)
+        out[f"b_faster_rounds_{first}_started_first"] = sum(r["started"][0] == first for r in b_won)
     out["errors"] = sum(r[side]["errors"] for r in rounds for side in SIDES)
     return out
 

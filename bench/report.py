@@ -81,10 +81,15 @@ def reference(run: dict[str, Any] | None, mode: str, batch: int, fallback: dict[
     return pair if pair and (pair["mode"], pair["batch"]) == (mode, batch) else fallback
 
 
+def latency_ratio(run: dict[str, Any], reference: dict[str, Any]) -> float:
+    """A run's p50 over an in-process time per batch: what the lone-request target judges."""
+    return float(run["latency_ms"]["p50"] / (1000 * reference["median_s"]))
+
+
 def lone_ratio(run: dict[str, Any]) -> float | None:
-    """A one-connection run's p50 over its paired in-process batch-1 time: what the lone-request target judges."""
+    """A one-connection run's p50 over its paired in-process batch-1 time."""
     pair = run.get("paired_ceiling")
-    return run["latency_ms"]["p50"] / (1000 * pair["median_s"]) if pair else None
+    return latency_ratio(run, pair) if pair else None
 
 
 def add_ratios(service: dict[str, Any], ceiling: list[dict[str, Any]]) -> None:
@@ -147,7 +152,7 @@ def targets(service: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[Targ
     t, m = service["threads_setting"], TARGET_MODEL
     latency = Target(f"{m} n=1 c=1 p50 latency <= 1.25x in-process batch-1 decode+PNG", t, None, 1.25, False,
                      "not measured")
-    judged = _judged(service, ceiling, "sample n=1", 1, lambda run, ref: run["latency_ms"]["p50"] / (1000 * ref["median_s"]))
+    judged = _judged(service, ceiling, "sample n=1", 1, latency_ratio)
     if judged is not None:
         run, ref, ratio, note = judged
         detail = f"{run['latency_ms']['p50']:.1f} vs {1000 * ref['median_s']:.1f} ms{note}"

@@ -3,8 +3,10 @@ time, resident memory and CPU from /proc, and its own Prometheus counters."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -137,6 +139,14 @@ def batcher_stats(
         "mean_queue_ms": 1000 * delta("vae_queue_wait_seconds_sum", "") / waits if waits else None,
         "mean_compute_ms": 1000 * delta("vae_compute_seconds_sum", op) / batches if batches else None,
     }
+
+
+def env_item(text: str) -> tuple[str, str]:
+    """A command line's NAME=VALUE (--env): the variable's name and value for `running_server`'s environment."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", text):
+        raise argparse.ArgumentTypeError(f"takes NAME=VALUE, not {text!r}")
+    name, value = text.split("=", 1)
+    return name, value
 
 
 @contextmanager
