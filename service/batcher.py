@@ -42,8 +42,10 @@ LANE_SPLIT_S = 0.010
 
 class Deferred(Protocol):
     """Inputs made on the batch's thread, right before the model call, rather than on the event loop: len() rows,
-    called for the tensor (`latents.Prior`: a request's latents, drawn from its seed). A batch's parts of one class are
-    made `together`, in one call (see `compute` on why fewer calls)."""
+    called for the tensor (`latents.Prior`: a request's latents, drawn from its seed; `uploads.Upload`: an image
+    decoded). A batch's parts of one class are made `together`, in one call (see `compute` on why fewer calls). A part
+    that could not be made says why in `failure` (its rows made some other way, zeros say): its request gets that
+    error, the batch's others their rows."""
 
     def __len__(self) -> int: ...
 
@@ -51,6 +53,8 @@ class Deferred(Protocol):
 
     @classmethod
     def together(cls, parts: Sequence[Any]) -> Tensor: ...
+
+    def failure(self) -> Exception | None: ...
 
 
 Inputs = Tensor | Deferred
@@ -249,7 +253,11 @@ class Batcher:
             return
         self._admit(len(inputs))
         deadline = asyncio.get_running_loop().time() + timeout_s
-        inputs = inputs if isinstance(inputs, Tensor) else inputs()  # `Deferred` inputs are made here, to be split
+        if not isinstance(inputs, Tensor):  # `Deferred` inputs are made here, to be split
+            made = inputs()
+            if (failure := inputs.failure()) is not None:
+                raise failure
+            inputs = made
         items = self._enqueue(inputs.split(part_size), deadline, then)  # split: no torch call, see routes
         try:
             for item in items:
@@ -540,13 +548,17 @@ class Batcher:
 
     def _call_batch(self, parts: list[Inputs], thens: list[Then | None]) -> list[Any]:
         """On the batch's thread: make the parts' `Deferred` inputs, `_call` the parts as one batch, then split the
-        outputs into each part's rows, put through its `then` if it has one."""
+        outputs into each part's rows, put through its `then` if it has one (a part that could not be made: its
+        `failure`)."""
         outputs = self._call(_made(parts))
         answers: list[Any] = []
         offset = 0
         for part, then in zip(parts, thens, strict=True):
             rows = tuple(out[offset : offset + len(part)] for out in outputs) if len(parts) > 1 else outputs
             offset += len(part)
+            if not isinstance(part, Tensor) and (failure := part.failure()) is not None:
+                answers.append(_Raised(failure))
+                continue
             try:
                 answers.append(rows if then is None else then(rows))
             except Exception as exc:

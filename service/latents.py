@@ -33,6 +33,9 @@ class Prior:
             z *= self.temperature
         return z
 
+    def failure(self) -> None:  # a seed always draws
+        return None
+
     @classmethod
     def together(cls, priors: Sequence[Prior]) -> torch.Tensor:
         """The latents of `priors` (of one model) in a row, each from its own seed: one request's from Python (5 us

@@ -1,9 +1,10 @@
 """What the routes call: the loaded models, their batchers and the threads that do the heavy work.
 
-The event loop never runs model code (the model thread, and on a CPU under load the lanes of lanes.py) or
-image decoding. Where single-thread lanes share every core (`pngs_on_batch_thread`), the PNGs of a one-image answer
-and of a JSON answer are encoded by the batch's own thread right after its decode (`decode_png`,
-`decode_base64_pngs`). Other PNGs (grids; and on a GPU, or with a core to spare, all of them) go to a small pool of
+The event loop never runs model code (the model thread, and on a CPU under load the lanes of lanes.py), nor image
+decoding but a digit's. Where single-thread lanes share every core (`images_on_batch_thread`), the PNGs of a one-image
+answer and of a JSON answer are encoded by the batch's own thread right after its decode (`decode_png`,
+`decode_base64_pngs`), and an `/encode` request's one upload is decoded by its batch's thread right before the encode
+(`encode_uploads`). Other PNGs (grids; and on a GPU, or with a core to spare, all of them) go to a small pool of
 image threads (ISA-L's deflate and Pillow release the GIL while they (de)compress), or stay on the event loop where a
 hand-off would cost it more (`_inline_png`: the small images of the one request in progress, or one small PNG under
 load).
@@ -38,6 +39,7 @@ from service.lanes import Lanes, single_thread_lanes
 from service.metrics import Metrics
 from service.repository import ServedModel, describe, discover, load_model, pick_device, pick_dtype
 from service.settings import Settings
+from service.uploads import Upload
 
 log = logging.getLogger("vae_serve.runtime")
 _T = TypeVar("_T")
@@ -51,6 +53,9 @@ SMALL_PNG_BYTES = 4 * 1024  # uint8 pixels of a single PNG that any request enco
 # (28x28) is a few hundred bytes and 784 pixels, a faces photo (96x96 and more) stays on the image threads
 SMALL_UPLOAD_BYTES = 16 * 1024
 SMALL_UPLOAD_PIXELS = 64 * 64
+# With `images_on_batch_thread`, a request's one upload of at most so many times the model's pixels (twice its size
+# each way) is decoded by its batch's thread (`encode_uploads`): a faces upload of 192x192 takes about 1 ms there.
+UPLOAD_ON_BATCH_PIXELS = 4
 PNG_PART_BYTES = 128 * 1024  # a PNG of two of these or more (in pixels) is deflated on the image threads in parts of this or more
 
 
@@ -129,11 +134,11 @@ class Runtime:
         return self.active <= 1
 
     @property
-    def pngs_on_batch_thread(self) -> bool:
-        """Whether a batch's own thread encodes the PNGs its requests answer with, right after the decode: where
-        single-thread lanes share every core (lanes exist only on a CPU), each lane encodes its own batch's while
-        another decodes. Elsewhere the image threads encode them in parallel: on a GPU the model thread goes on to
-        the next batch, and with a spare core they use it meanwhile."""
+    def images_on_batch_thread(self) -> bool:
+        """Whether a batch's own thread encodes the PNGs its requests answer with, right after the decode, and decodes
+        the uploads it encodes, right before: where single-thread lanes share every core (lanes exist only on a CPU),
+        each lane does its own batch's while another computes. Elsewhere the image threads do them in parallel: on a
+        GPU the model thread goes on to the next batch, and with a spare core they use it meanwhile."""
         return bool(self.lanes.singles) and not self.spare_core
 
     @property
@@ -202,11 +207,11 @@ class Runtime:
 
     async def decode_png(self, name: str, z: Inputs) -> bytes:
         """One latent (1, latent_dim), or what draws it on the batch's thread (`batcher.Deferred`) -> its image's PNG.
-        With `pngs_on_batch_thread`, the batch's thread encodes it right after the decode (`then`), not the event loop
+        With `images_on_batch_thread`, the batch's thread encodes it right after the decode (`then`), not the event loop
         or an image thread after two more hand-offs. 2 cores, 2 torch threads, alternating servers: mnist at 64
         connections 3,727 -> 4,043 requests/s; faces alone p99 9.4 -> 3.3 ms (p50 within the noise), at 8 and 64
         connections the same (bench/README.md)."""
-        if not self.pngs_on_batch_thread:
+        if not self.images_on_batch_thread:
             return await self.grid_png(await self.decode(name, z), None)
         (png,) = await self._decode_then(name, z, functools.partial(_pngs_of, level=self.png_level))
         return png
@@ -229,7 +234,7 @@ class Runtime:
     async def decode_base64_pngs(self, name: str, z: Tensor) -> list[bytes]:
         """Latents (N, latent_dim) -> one base64-encoded PNG per image, for a JSON answer.
 
-        With `pngs_on_batch_thread` (2 torch threads on 2 cores: a lone n=64 request decodes its two halves on the two
+        With `images_on_batch_thread` (2 torch threads on 2 cores: a lone n=64 request decodes its two halves on the two
         lanes side by side), each batch's thread encodes its part's PNGs right after the decode (`then`), without
         handing them to the image threads and back, and base64 is no longer the event loop's: `faces` n=64 at one
         connection 1,592 -> 1,640 images/s (alternating servers, faster in 5 of 5 rounds), a lone n=1 request 2.10 ->
@@ -239,7 +244,7 @@ class Runtime:
         decodes the next: `faces` +8-16% images/s with 1 torch thread. With 2 threads such parts were no faster, and
         at 2 connections they only made smaller batches (-12%). Parts of 16 were slower than 32."""
         decoder = self.decoders[name]
-        if self.pngs_on_batch_thread:
+        if self.images_on_batch_thread:
             return await self._decode_then(name, z, functools.partial(_base64_pngs_of, level=self.png_level))
         in_parts = self.spare_core and self.alone
         part_size = max(1, decoder.max_batch_size // 2) if in_parts else decoder.max_batch_size
@@ -255,19 +260,33 @@ class Runtime:
             for task in encoding:
                 task.cancel()  # a part failed or timed out: the answer is an error, the PNGs are not needed
 
-    async def encode(self, name: str, x: Tensor) -> tuple[Tensor, Tensor]:
+    async def encode(self, name: str, x: Inputs) -> tuple[Tensor, Tensor]:
         mu, log_var = await self.encoders[name].submit(x, self.settings.request_timeout_s, alone=self.alone)
         return mu, log_var
 
     async def encode_uploads(self, model: ServedModel, files: list[bytes], invert: bool | None) -> tuple[Tensor, Tensor]:
         """Decode uploads and encode them. Room in the encoder's queue is held before the uploads are decoded: when
-        it is full, the request is refused (429) without the CPU spent on decoding."""
+        it is full, the request is refused (429) without the CPU spent on decoding.
+
+        With `images_on_batch_thread`, a request's one upload of at most UPLOAD_ON_BATCH_PIXELS times the model's
+        pixels (by its header) is decoded by its batch's own thread (`uploads.Upload`), not handed to an image thread
+        and back, a pass of the event loop each way (or, for a digit, prepared on the loop). 2 cores, one image at 32
+        connections, alternating servers: faces 862 -> 957 images/s, mnist 2,102 -> 2,696, the event loop's time a
+        request 330 -> 244 and 399 -> 174 us (bench/README.md, *Uploads decoded by their batch's thread*). A larger upload goes to the image threads, so that its decode holds up
+        no batch."""
+        if self.images_on_batch_thread and len(files) == 1:
+            image = imaging.open_upload(files[0], self.settings.max_image_pixels)
+            _, height, width = model.image_shape
+            if image.width * image.height <= UPLOAD_ON_BATCH_PIXELS * height * width:
+                upload = Upload(image, model.image_shape, invert, _digit(model), self.settings.max_image_pixels)
+                return await self.encode(model.name, upload)
         with self.encoders[model.name].reserve(len(files)):
             x = await self.prepare_uploads(model, files, invert)
         return await self.encode(model.name, x)
 
     async def prepare_uploads(self, model: ServedModel, files: list[bytes], invert: bool | None) -> Tensor:
-        """Decode and convert uploads on the image threads; (N, C, H, W) float in [0, 1].
+        """Decode and convert uploads on the image threads; (N, C, H, W) float in [0, 1]. (`encode_uploads` may have
+        the batch's thread do it instead.)
 
         A request's one small upload (SMALL_UPLOAD_BYTES, SMALL_UPLOAD_PIXELS by its header) is prepared on the event
         loop instead: a digit takes it 0.1-0.2 ms, less than handing it to a thread and back, a loop pass each way. mnist
@@ -279,10 +298,9 @@ class Runtime:
         served, and 16 uploads of 40 megapixels each held a one-image request behind them for 3.4 s; now it waits for
         one upload at most."""
         loop = asyncio.get_running_loop()
-        digit = model.artifact is not None and model.artifact.manifest.get("upload_normalization") == "digit"
         max_pixels = self.settings.max_image_pixels
         prepare = functools.partial(
-            imaging.prepare_upload, shape=model.image_shape, max_pixels=max_pixels, invert=invert, digit=digit
+            imaging.prepare_upload, shape=model.image_shape, max_pixels=max_pixels, invert=invert, digit=_digit(model)
         )
         if len(files) == 1 and len(files[0]) <= SMALL_UPLOAD_BYTES:
             image = imaging.open_upload(files[0], max_pixels)
@@ -367,13 +385,18 @@ def default_lanes(torch_threads: int) -> int:
     return 2 if torch_threads == 2 else 1
 
 
+def _digit(model: ServedModel) -> bool:
+    """Whether the model's uploads get MNIST's size-and-centre normalisation (`imaging.prepare_upload`)."""
+    return model.artifact is not None and model.artifact.manifest.get("upload_normalization") == "digit"
+
+
 def _inline_png(alone: bool, tiles: np.ndarray, pngs: int) -> bool:
     """Whether `pngs` PNGs of `tiles` are encoded on the event loop, without the two thread hand-offs: the small images
     of the only request in progress (`Runtime.alone`: nothing else needs the loop meanwhile, and the hand-offs cost it
     0.1-0.2 ms), or, under load, one PNG of a few KiB of pixels, which costs the loop less than handing it to an image
     thread and back (a 28x28 digit 20 us, a 2x2 grid of them 33 us): mnist n=1 on 2 cores, 1,601 -> 2,234 images/s at
     64 connections and 1,650 -> 2,317 at 32 (alternating servers; bench/README.md). A faces image (27 KiB, 0.34 ms)
-    under load stays on the image threads: on the loop, 64 connections were 5% slower. With `pngs_on_batch_thread` a
+    under load stays on the image threads: on the loop, 64 connections were 5% slower. With `images_on_batch_thread` a
     one-image answer never comes here: its batch's thread encodes it (`Runtime.decode_png`)."""
     if alone:
         return tiles.nbytes <= INLINE_PNG_BYTES

@@ -258,11 +258,14 @@ def deferred_rows() -> tuple[list[tuple[str, int]], type]:
     made: list[tuple[str, int]] = []
 
     class Rows:
-        def __init__(self, rows: int, value: float = 1.0) -> None:
-            self.rows, self.value = rows, value
+        def __init__(self, rows: int, value: float = 1.0, fails: bool = False) -> None:
+            self.rows, self.value, self.fails = rows, value, fails
 
         def __len__(self) -> int:
             return self.rows
+
+        def failure(self) -> Exception | None:
+            return ValueError(f"rows of {self.value} could not be made") if self.fails else None
 
         def __call__(self) -> torch.Tensor:
             return self.together([self])
@@ -304,6 +307,28 @@ async def test_deferred_inputs_of_one_class_in_a_batch_are_made_together_in_one_
         rec.release.clear()
     assert rec.sizes == [1, 6, 1, 6]
     assert [parts for _, parts in made] == [3, 1, 1]
+    await b.stop()
+
+
+async def test_a_deferred_part_that_could_not_be_made_fails_alone_and_the_batch_s_others_get_their_rows() -> None:
+    """`uploads.Upload`: an upload whose pixels do not decode. Alone, in a batch, or made on the event loop to be split."""
+    made, Rows = deferred_rows()
+    rec, b = held()
+    busy = asyncio.create_task(b.submit(torch.zeros(1, 1), timeout_s=5))  # holds the model thread
+    await asyncio.sleep(0.01)
+    queued = [asyncio.create_task(b.submit(part, timeout_s=5)) for part in (Rows(1, 1.0), Rows(2, 2.0, True), Rows(1, 3.0))]
+    await asyncio.sleep(0.01)
+    rec.release.set()
+    first, failed, last = await asyncio.gather(*queued, return_exceptions=True)
+    await busy
+    assert rec.sizes == [1, 4] and [parts for _, parts in made] == [3]  # one batch
+    assert first[0].squeeze(1).tolist() == [2.0] and last[0].squeeze(1).tolist() == [6.0]
+    assert isinstance(failed, ValueError) and str(failed) == "rows of 2.0 could not be made"
+    with pytest.raises(ValueError, match=r"rows of 5\.0"):
+        await b.submit(Rows(1, 5.0, True), timeout_s=5, alone=True)
+    with pytest.raises(ValueError, match=r"rows of 6\.0"):
+        await b.submit(Rows(20, 6.0, True), timeout_s=5)
+    assert rec.sizes == [1, 4, 1]  # the lone one computed as any batch is; the split one never queued
     await b.stop()
 
 

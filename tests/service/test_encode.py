@@ -12,12 +12,14 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import service.imaging
-from service.imaging import prepare_upload
+from service.imaging import ImageError, open_upload, prepare_upload
+from service.uploads import Upload
 from tests.conftest import png
-from tests.service.tools import most_significant_digits
+from tests.service.tools import images_on_batch_thread, most_significant_digits
 
 
 def jpeg(mode: str = "RGB", size: tuple[int, int] = (50, 30)) -> bytes:
@@ -197,20 +199,26 @@ async def test_a_one_image_request_is_not_held_behind_the_uploads_of_a_many_imag
     assert one < 0.4 and one < await many / 2  # it took a turn among them, not the end of their queue
 
 
-async def test_a_request_of_one_small_upload_prepares_it_on_the_event_loop_and_others_go_to_the_image_threads(
-    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("on_batch_thread", [False, True])
+async def test_a_request_s_one_upload_is_prepared_where_it_costs_least_and_larger_work_on_the_image_threads(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, on_batch_thread: bool
 ) -> None:
-    real, on_loop = service.imaging.prepare_upload, []
+    """Where lanes share every core, a request's one upload of up to 4 times the model's pixels is prepared by its
+    batch's own thread; elsewhere a small one (a digit) on the event loop, less than a hand-off costs. Larger uploads,
+    and requests of several, go to the image threads."""
+    real, where = service.imaging.prepare_upload, []
 
     def recording(data: object, *args: object, **kwargs: object) -> np.ndarray:
-        on_loop.append(threading.current_thread() is loop_thread)
+        thread = threading.current_thread()
+        where.append("loop" if thread is loop_thread else "image" if thread.name.startswith("image") else "batch")
         return real(data, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(service.imaging, "prepare_upload", recording)
+    images_on_batch_thread(monkeypatch, on_batch_thread)
     loop_thread = threading.current_thread()  # the test's event loop is the app's
     uploads = {
         "a digit": [png(size=(28, 28))],
-        "a larger image": [png(size=(80, 80))],
+        "a larger image": [png(size=(80, 80))],  # over 4 times a digit's pixels
         "a small file of many pixels": [png(np.zeros((2000, 2000), np.uint8))],  # 4 KB that decode to 4 megapixels
         "two digits": [png(size=(28, 28))] * 2,
     }
@@ -219,6 +227,46 @@ async def test_a_request_of_one_small_upload_prepares_it_on_the_event_loop_and_o
         r = await client.post("/encode", data={"model": "mnist"}, files=[("image", ("x.png", f, "image/png")) for f in files])
         assert r.status_code == 200, name
         answers[name] = r.json()["mu"]
-    assert on_loop == [True, False, False, False, False]
+    assert where == ["batch" if on_batch_thread else "loop"] + ["image"] * 4
     both = np.array(answers["two digits"])  # the same rows either way, to float rounding (a batch of 2, not 1)
     assert np.allclose(both, np.array(answers["a digit"] * 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("model, size", [("mnist", (28, 28)), ("faces", (96, 96)), ("faces", (150, 120))])
+async def test_an_upload_encodes_to_the_same_numbers_whichever_thread_prepares_it(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, model: str, size: tuple[int, int]
+) -> None:
+    files = {"image": ("x.png", png(size=size), "image/png")}
+    answers = []
+    for on_batch_thread in (False, True):
+        images_on_batch_thread(monkeypatch, on_batch_thread)
+        r = await client.post("/encode", data={"model": model}, files=files)
+        assert r.status_code == 200, r.text
+        answers.append(r.json())
+    assert answers[0] == answers[1]
+
+
+def test_uploads_made_together_are_each_as_made_alone_and_one_that_does_not_decode_is_zeros_that_say_why() -> None:
+    def upload(data: bytes) -> Upload:
+        return Upload(open_upload(data, 10**6), (3, 96, 96), invert=None, digit=False, max_pixels=10**6)
+
+    good, cut = png(size=(96, 96)), png(size=(120, 100))
+    uploads = [upload(good), upload(cut[: len(cut) // 2]), upload(png(size=(50, 40)))]
+    rows = Upload.together(uploads)
+    assert rows.shape == (3, 3, 96, 96)
+    assert np.array_equal(rows[0].numpy(), prepare_upload(good, (3, 96, 96), max_pixels=10**6))
+    assert not rows[1].any() and isinstance(uploads[1].failure(), ImageError)
+    assert uploads[0].failure() is None and uploads[2].failure() is None
+    assert torch.equal(upload(good)(), rows[:1])
+
+
+@pytest.mark.parametrize("on_batch_thread", [False, True])
+async def test_an_upload_whose_pixels_do_not_decode_is_422_whichever_thread_finds_out(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, on_batch_thread: bool
+) -> None:
+    """Its header reads, its pixels are cut short: only decoding them tells."""
+    images_on_batch_thread(monkeypatch, on_batch_thread)
+    whole = png(size=(96, 96))
+    r = await client.post("/encode", data={"model": "faces"}, files={"image": ("x.png", whole[: len(whole) // 2], "image/png")})
+    assert r.status_code == 422 and "could not be decoded" in r.json()["detail"]
+    assert (await client.post("/encode", data={"model": "faces"}, files={"image": ("x.png", whole, "image/png")})).status_code == 200

@@ -101,12 +101,12 @@ async def test_a_grid_holds_the_images_the_same_seed_gives_as_json(client: httpx
 @pytest.mark.parametrize("spare_core", [False, True], ids=["PNGs on the lanes", "PNGs on the image threads"])
 async def test_a_json_answer_decoded_in_parts_holds_every_image_once_in_order(settings: Settings, spare_core: bool) -> None:
     """With two lanes, a request of more images than a lane's batch is decoded in parts. Where the lanes share every
-    core, each encodes its own part's PNGs (`Runtime.pngs_on_batch_thread`); with a core to spare, the image threads
+    core, each encodes its own part's PNGs (`Runtime.images_on_batch_thread`); with a core to spare, the image threads
     encode them, a lone request's in parts of half a batch. Either way the answer is whole and in order."""
     async with serve(settings.model_copy(update={"cpu_lanes": 2, "torch_threads": 2})) as client:
         runtime = client.app.state.runtime  # type: ignore[attr-defined]
         runtime.spare_core = spare_core  # as on a machine with more cores than torch threads
-        assert runtime.pngs_on_batch_thread is not spare_core
+        assert runtime.images_on_batch_thread is not spare_core
         request = {"model": "faces", "n": 2 * runtime.max_batch_size + 3, "seed": 4}
         await assert_json_images_are_the_grids_tiles(client, request)
 

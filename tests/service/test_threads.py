@@ -18,6 +18,7 @@ from service.metrics import Metrics
 from service.runtime import Runtime
 from service.settings import Settings
 from tests.conftest import decode_png
+from tests.service.tools import images_on_batch_thread
 
 
 def test_models_load_and_warm_up_on_the_model_thread_that_later_runs_them(
@@ -155,15 +156,10 @@ async def test_a_large_png_is_deflated_in_parts_on_the_image_threads_and_is_the_
 
 def test_pngs_are_encoded_on_the_batch_s_thread_only_where_single_thread_lanes_share_every_core() -> None:
     lanes = SimpleNamespace(singles=("lane0", "lane1"))
-    on = Runtime.pngs_on_batch_thread.fget  # type: ignore[attr-defined]
+    on = Runtime.images_on_batch_thread.fget  # type: ignore[attr-defined]
     assert on(SimpleNamespace(lanes=lanes, spare_core=False))
     assert not on(SimpleNamespace(lanes=lanes, spare_core=True))  # the image threads use the spare core meanwhile
     assert not on(SimpleNamespace(lanes=SimpleNamespace(singles=()), spare_core=False))  # a GPU, or no lanes
-
-
-def pngs_on_batch_thread(monkeypatch: pytest.MonkeyPatch, value: bool) -> None:
-    """Whatever lanes and cores this machine gives the test app."""
-    monkeypatch.setattr(Runtime, "pngs_on_batch_thread", property(lambda self: value))
 
 
 async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left_for_the_pngs(
@@ -189,7 +185,7 @@ async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left
     assert server.spare_core == (server.device.type == "cpu" and model_threads < runtime.USABLE_CPUS)
     monkeypatch.setattr(decoder, "_call_batch", spy)
     monkeypatch.setattr(server, "spare_core", True)
-    pngs_on_batch_thread(monkeypatch, False)
+    images_on_batch_thread(monkeypatch, False)
     await json_answer()
     server.active += 1  # another request in progress
     try:
@@ -197,7 +193,7 @@ async def test_a_json_answer_is_decoded_in_parts_only_alone_and_with_a_core_left
     finally:
         server.active -= 1
     monkeypatch.setattr(server, "spare_core", False)
-    pngs_on_batch_thread(monkeypatch, True)  # as with two single-thread lanes on two cores
+    images_on_batch_thread(monkeypatch, True)  # as with two single-thread lanes on two cores
     await json_answer()
     half, whole = decoder.max_batch_size // 2, decoder.max_batch_size
     assert batches == [(half, False), (half, False), (whole, False), (whole, True)]
@@ -209,7 +205,7 @@ async def test_an_answer_is_the_same_bytes_whichever_thread_encodes_its_pngs(
 ) -> None:
     answers = []
     for on_batch_thread in (False, True):
-        pngs_on_batch_thread(monkeypatch, on_batch_thread)
+        images_on_batch_thread(monkeypatch, on_batch_thread)
         r = await client.post("/sample", json={"model": "faces", "n": 1, "seed": 5}, headers={"Accept": accept})
         assert r.status_code == 200 and r.headers["content-type"].startswith(accept)
         answers.append(r.content)

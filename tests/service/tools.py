@@ -19,6 +19,7 @@ import torch
 import service.runtime
 from service.app import create_app
 from service.repository import ServedModel
+from service.runtime import Runtime
 from service.server import DrainingServer, config
 from service.settings import Settings
 from tests.conftest import serve
@@ -140,3 +141,8 @@ async def running(settings: Settings, *, direct: bool = True) -> AsyncIterator[t
     finally:
         served.should_exit = True
         await serving
+
+
+def images_on_batch_thread(monkeypatch: pytest.MonkeyPatch, value: bool) -> None:
+    """`Runtime.images_on_batch_thread` made `value`, whatever lanes and cores this machine gives the test app."""
+    monkeypatch.setattr(Runtime, "images_on_batch_thread", property(lambda self: value))
