@@ -335,6 +335,8 @@ def create_app(settings: Settings | None = None, *, wait_for_models: bool = Fals
             runtime.start(getattr(app.state, "active_connections", None))  # set by the server (server.DrainingServer)
             freeze_what_is_loaded()
             app.state.runtime = runtime
+            if (direct := getattr(app.state, "direct", None)) is not None:
+                direct.start()
             ready, status = runtime.readiness()
             log.info("models loaded", extra={"ready": ready, "models": status})
 

@@ -102,9 +102,13 @@ class DirectAnswers:
 
     A held body is not counted against VAE_MAX_BODY_BYTES_IN_FLIGHT: it is at most what uvicorn buffers of any
     request's body before it stops reading from its connection (HIGH_WATER_LIMIT), so it adds nothing to what the
-    server's connections can hold at once."""
+    server's connections can hold at once.
+
+    It answers nothing until `start` (once the models are loaded), nor at all where FastAPI's own OpenTelemetry hook
+    records requests: a deployment that traces gets a span for every request, at the speed of FastAPI's stack."""
 
     max_body = HIGH_WATER_LIMIT
+    on = False  # see `start`
 
     def __init__(
         self, fastapi: FastAPI, observe: Observe, key_matches: Callable[[str], bool] | None,
@@ -121,9 +125,20 @@ class DirectAnswers:
         }
         self.max_body = min(self.max_body, fastapi.state.settings.max_body_bytes)
 
+    def start(self) -> None:
+        """Answer from now on (the app's runtime is loaded), unless FastAPI's OpenTelemetry hook records requests:
+        FastAPI 0.165 and later, once a tracer, meter or logger provider is set in the process (an OpenTelemetry SDK
+        set up, `opentelemetry-instrument`, FASTAPI_OTEL_AUTO_CONFIGURE). Asked once, after FastAPI's lifespan has
+        set up what the environment asks for: a provider set later leaves direct answers on."""
+        telemetry = getattr(self.fastapi, "_native_telemetry", None)  # FastAPI's, not public: absent before 0.165
+        if telemetry is not None and telemetry.enabled():
+            log.info("FastAPI's OpenTelemetry hook records requests: every request goes through FastAPI's stack")
+            return
+        self.on = True
+
     def takes(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
         """From the request's head (header names in lower case, as uvicorn keeps them)."""
-        if method != b"POST" or getattr(self.fastapi.state, "runtime", None) is None:
+        if method != b"POST" or not self.on:
             return False
         entry = self.routes.get(url.partition(b"?")[0])
         if entry is None:

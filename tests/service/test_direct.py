@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 
 from service.server import DrainingServer
 from service.settings import Settings
@@ -217,6 +218,33 @@ async def test_where_the_server_answers_cors_a_page_s_request_is_answered_direct
     assert answered[0] == 2
     if b"app.example.com" in origin:  # its pages may read the answers, a 404 too
         assert direct[1][b"access-control-allow-origin"] == b"https://app.example.com"
+
+
+async def test_where_fastapi_s_opentelemetry_hook_records_requests_none_is_answered_directly_and_each_gets_its_span(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tracer provider set in the process (an OpenTelemetry SDK set up, `opentelemetry-instrument`): a deployment
+    that traces sees every request, the busy routes' too."""
+    spans: list[str] = []
+
+    class Recording(trace.NoOpTracer):
+        def start_span(self, name: str, *args: Any, **kwargs: Any) -> trace.Span:
+            spans.append(name)
+            return super().start_span(name, *args, **kwargs)
+
+    class Provider(trace.TracerProvider):
+        def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+            return Recording()
+
+    provider = Provider()
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    async with running(Settings(model_dir=tiny_models, port=0)) as (port, served):
+        answered = count_direct(served, monkeypatch)
+        encode = post(form(b"mnist", png(size=(28, 28))), path=b"/encode", content_type=FORM)
+        answers = await ask(port, post(b'{"model": "mnist", "seed": 1}'), encode, post(b'{"model": "nope"}'))
+    assert [status for status, _, _ in answers] == [200, 200, 404]
+    assert answered[0] == 0
+    assert [name for name in spans if name.startswith("POST")] == ["POST"] * 3
 
 
 async def test_a_client_that_leaves_before_its_answer_takes_nothing_down(
