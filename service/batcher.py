@@ -44,8 +44,8 @@ class Deferred(Protocol):
     """Inputs made on the batch's thread, right before the model call, rather than on the event loop: len() rows,
     called for the tensor (`latents.Prior`: a request's latents, drawn from its seed; `uploads.Upload`: an image
     decoded). A batch's parts of one class are made `together`, in one call (see `compute` on why fewer calls). A part
-    that could not be made says why in `failure` (its rows made some other way, zeros say): its request gets that
-    error, the batch's others their rows."""
+    that could not be made (an upload that does not decode: its rows are then zeros) says why in `failure`, and its
+    request gets that error, the batch's others their rows."""
 
     def __len__(self) -> int: ...
 

@@ -13,13 +13,22 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import service.imaging
 from service.imaging import ImageError, open_upload, prepare_upload
 from service.uploads import Upload
 from tests.conftest import png
 from tests.service.tools import images_on_batch_thread, most_significant_digits
+
+
+def with_text(image: bytes, size: int) -> bytes:
+    """A PNG with a text chunk of `size` bytes before its pixels."""
+    buffer = io.BytesIO()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * size)
+    Image.open(io.BytesIO(image)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def jpeg(mode: str = "RGB", size: tuple[int, int] = (50, 30)) -> bytes:
@@ -220,6 +229,7 @@ async def test_a_request_s_one_upload_is_prepared_where_it_costs_least_and_large
         "a digit": [png(size=(28, 28))],
         "a larger image": [png(size=(80, 80))],  # over 4 times a digit's pixels
         "a small file of many pixels": [png(np.zeros((2000, 2000), np.uint8))],  # 4 KB that decode to 4 megapixels
+        "a digit in a large file": [with_text(png(size=(28, 28)), 20_000)],  # its header is not read on the loop
         "two digits": [png(size=(28, 28))] * 2,
     }
     answers = {}
@@ -227,7 +237,7 @@ async def test_a_request_s_one_upload_is_prepared_where_it_costs_least_and_large
         r = await client.post("/encode", data={"model": "mnist"}, files=[("image", ("x.png", f, "image/png")) for f in files])
         assert r.status_code == 200, name
         answers[name] = r.json()["mu"]
-    assert where == ["batch" if on_batch_thread else "loop"] + ["image"] * 4
+    assert where == ["batch" if on_batch_thread else "loop"] + ["image"] * 5
     both = np.array(answers["two digits"])  # the same rows either way, to float rounding (a batch of 2, not 1)
     assert np.allclose(both, np.array(answers["a digit"] * 2), atol=1e-5)
 
