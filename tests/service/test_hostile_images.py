@@ -19,7 +19,7 @@ from PIL import Image
 from service.imaging import prepare_upload
 from service.settings import Settings
 from tests.conftest import png, serve
-from tests.service.tools import peak_memory_growth
+from tests.service.tools import images_on_batch_thread, peak_memory_growth
 
 FACES = (3, 32, 32)
 
@@ -85,11 +85,18 @@ HOSTILE = [
 ]
 
 
+ON_BATCH_THREAD = pytest.mark.parametrize("on_batch_thread", [False, True], ids=["image threads", "batch thread"])
+
+
+@ON_BATCH_THREAD
 @pytest.mark.parametrize("send", TRANSPORTS)
 @pytest.mark.parametrize(("data", "name", "content_type", "message"), HOSTILE)
 async def test_an_unusable_upload_is_422_saying_why(
-    client: httpx.AsyncClient, send: Send, data: bytes, name: str, content_type: str, message: str
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, on_batch_thread: bool,
+    send: Send, data: bytes, name: str, content_type: str, message: str,
 ) -> None:
+    """Whether an image thread finds out or the thread of the batch the upload joined (`uploads.Upload`)."""
+    images_on_batch_thread(monkeypatch, on_batch_thread)
     r = await send(client, data, name, content_type)
     assert r.status_code == 422, r.text
     assert message in r.json()["detail"]
@@ -229,10 +236,13 @@ def test_exif_rotation_of_a_jpeg_gives_the_upright_pixels(orientation: int, tran
     assert np.abs(pixels - ignored).mean() > 0.1
 
 
+@ON_BATCH_THREAD
 @pytest.mark.parametrize("model", ["mnist", "faces"])
 @pytest.mark.parametrize("size", [(1, 1), (20_000, 1), (1, 20_000)], ids=["1x1", "20000x1", "1x20000"])
-async def test_tiny_and_extremely_thin_images_are_encoded(client: httpx.AsyncClient, model: str,
-                                                          size: tuple[int, int]) -> None:
+async def test_tiny_and_extremely_thin_images_are_encoded(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, on_batch_thread: bool, model: str, size: tuple[int, int]
+) -> None:
+    images_on_batch_thread(monkeypatch, on_batch_thread)
     r = await encode_form(client, png(size=size), model=model)
     assert r.status_code == 200, r.text
     assert np.isfinite(r.json()["mu"]).all() and np.isfinite(r.json()["log_var"]).all()
