@@ -8,6 +8,8 @@ FROM python:3.11-slim-bookworm
 # cu124 wheels run on NVIDIA drivers >= 525. Pinned: a rebuild gets the same torch.
 ARG TORCH_VERSION=2.6.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
+# true: the OpenTelemetry SDK and OTLP exporter too (pyproject's `tracing` extra), for FASTAPI_OTEL_AUTO_CONFIGURE.
+ARG VAE_TRACING=false
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -18,10 +20,10 @@ WORKDIR /app
 
 # Dependencies first, in their own layers: they change far less often than the code.
 # torch comes alone from the CUDA index; the rest are the service's dependencies from pyproject.toml
-# (torch among them, already satisfied, so pip keeps the CUDA build).
+# (torch among them, already satisfied, so pip keeps the CUDA build), and with VAE_TRACING=true its tracing extra.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml /tmp/src/
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/src/pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import os, tomllib; p = tomllib.load(open('/tmp/src/pyproject.toml', 'rb'))['project']; tracing = p['optional-dependencies']['tracing'] if os.environ['VAE_TRACING'] == 'true' else []; print('\n'.join(p['dependencies'] + tracing))" \
         > /tmp/requirements.txt \
     && pip install --no-cache-dir --requirement /tmp/requirements.txt \
     && rm /tmp/requirements.txt

@@ -127,6 +127,19 @@ def test_the_api_key_and_cors_origins_set_on_the_host_reach_the_service(variant:
     assert env["VAE_API_KEY"] == "s3cret" and env["VAE_CORS_ORIGINS"] == "https://app.example.com"
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_vae_tracing_builds_the_exporter_in_and_sends_spans_where_the_host_says(variant: str) -> None:
+    """README: `VAE_TRACING=true OTEL_EXPORTER_OTLP_ENDPOINT=... docker compose up --build`."""
+    name = "vae-serve" if variant == "gpu" else "vae-serve-cpu"
+    off = active(config(variant))[name]
+    assert off["build"]["args"]["VAE_TRACING"] == off["environment"]["FASTAPI_OTEL_AUTO_CONFIGURE"] == "false"
+    assert off["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == ""
+    on = active(config(variant, VAE_TRACING="true", OTEL_EXPORTER_OTLP_ENDPOINT="http://collector:4318"))[name]
+    assert on["build"]["args"]["VAE_TRACING"] == on["environment"]["FASTAPI_OTEL_AUTO_CONFIGURE"] == "true"
+    assert on["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector:4318"
+    assert on["environment"]["OTEL_SERVICE_NAME"] == "vae-serve"
+
+
 def test_models_are_mounted_read_only_where_the_image_looks() -> None:
     for name in ("vae-serve", "vae-serve-cpu"):
         service = load(CPU if name.endswith("cpu") else BASE)["services"][name]

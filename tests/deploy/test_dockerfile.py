@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 from service.settings import Settings
@@ -102,10 +105,30 @@ def test_dependencies_are_installed_before_the_source_is_copied() -> None:
     assert not any(n == "COPY" and a.split()[0] in (".", "./") for n, a in names), "COPY . would bust the cache"
 
 
-def test_the_torch_build_args_match_compose() -> None:
+def test_the_build_args_match_compose() -> None:
     args = dict(a.split("=", 1) for a in arguments("ARG"))
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["vae-serve"]["build"]["args"]
-    assert compose == {"TORCH_VERSION": args["TORCH_VERSION"], "TORCH_INDEX_URL": args["TORCH_INDEX_URL"]}
+    assert compose == {
+        "TORCH_VERSION": args["TORCH_VERSION"], "TORCH_INDEX_URL": args["TORCH_INDEX_URL"],
+        "VAE_TRACING": f"${{VAE_TRACING:-{args['VAE_TRACING']}}}",
+    }
+
+
+@pytest.mark.parametrize("tracing", ["false", "true"])
+def test_the_image_installs_the_service_s_dependencies_and_with_vae_tracing_the_opentelemetry_exporter(
+    tracing: str,
+) -> None:
+    (listing,) = [a for a in arguments("RUN") if "tomllib" in a]
+    quoted = listing.split("python -c ", 1)[1].split(" > ", 1)[0].strip()
+    script = quoted[1:-1].replace("/tmp/src/", f"{REPO}/")  # the shell passes it on as it stands, escapes and all
+    listed = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, "VAE_TRACING": tracing}, capture_output=True, text=True,
+        check=True,
+    ).stdout.split()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extra = project["optional-dependencies"]["tracing"] if tracing == "true" else []
+    assert listed == [d.replace(" ", "") for d in project["dependencies"] + extra]
+    assert any(d.startswith("fastapi[opentelemetry]") for d in listed) == (tracing == "true")
 
 
 def test_the_healthcheck_fails_when_nothing_answers() -> None:
