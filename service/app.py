@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access import CLIENT_CLOSED_REQUEST, count_failure, log_request, request_id_from
 from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
-from service.fastpath import DirectAnswers
+from service.fastpath import DirectAnswers, Observe
 from service.http_protocol import OVER_LIMIT, TIMED_OUT
 from service.metrics import Metrics
 from service.routes import is_json, media_type, metrics_router, probes, router
@@ -180,13 +180,34 @@ class VaeServe(FastAPI):
     included."""
 
     front: ASGIApp | None = None
+    observe: Observe | None = None  # the front's: a request's metrics and access line
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.front is not None:
             scope["app"] = self  # as Starlette sets it: the middlewares find the runtime and settings through it
             await self.front(scope, receive, send)
+        elif scope["type"] == "websocket" and self.observe is not None:
+            await self._websocket(scope, receive, send, self.observe)
         else:
             await super().__call__(scope, receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send, observe: Observe) -> None:
+        """A WebSocket upgrade: no route takes one, so FastAPI's router closes it unaccepted, which uvicorn answers
+        with 403. Counted and logged as any refused request is (a client trying it again and again shows)."""
+        started, status = time.perf_counter(), 403
+        request_id = request_id_from(dict(scope["headers"]).get(b"x-request-id"))
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "websocket.http.response.start":  # an answer of the app's own, where one is sent
+                status = message["status"]
+            await send(message)
+
+        scope["app"] = self
+        try:
+            await super().__call__(scope, receive, sending)
+        finally:
+            observe({**scope, "method": "GET"}, status, time.perf_counter() - started, request_id)
 
     async def behind_front(self, scope: Scope, receive: Receive, send: Send) -> None:
         """FastAPI's own stack: its middleware, routing and exception handlers."""
@@ -381,6 +402,7 @@ def create_app(settings: Settings | None = None, *, wait_for_models: bool = Fals
         app.front = answers_cors(app.front)
     # server.config hands it to the HTTP protocol
     app.state.direct = DirectAnswers(app, limits.observe, key_matches, answers_cors)
+    app.observe = limits.observe
     return app
 
 

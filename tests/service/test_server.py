@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import uvicorn
 from fastapi import FastAPI
 
@@ -122,6 +124,26 @@ async def test_a_connection_handed_to_websockets_is_no_longer_counted(tmp_path: 
         await settled()
         assert app.state.active_connections() == 0  # else every lone request would wait for a client that is gone
         assert app.state.metrics.registry.get_sample_value("vae_connections_open") == 0
+
+
+async def test_a_websocket_upgrade_is_refused_counted_and_logged_as_any_refused_request(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serving(tmp_path) as (app, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /sample HTTP/1.1\r\nhost: test\r\nupgrade: websocket\r\nconnection: upgrade\r\nx-request-id: ws-1\r\n"
+            b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+        )
+        with caplog.at_level(logging.INFO, logger="vae_serve.access"):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 403")
+            writer.close()
+            await settled()
+        registry = app.state.metrics.registry
+        assert registry.get_sample_value("vae_requests_total", {"endpoint": "unmatched", "model": "", "status": "403"}) == 1
+        assert registry.get_sample_value("vae_failures_total", {"reason": "invalid"}) == 1
+    (line,) = [r for r in caplog.records if r.name == "vae_serve.access"]
+    assert (line.method, line.path, line.status, line.request_id) == ("GET", "/sample", 403, "ws-1")  # type: ignore[attr-defined]
 
 
 async def test_the_app_is_told_nothing_on_another_protocol(tmp_path: Any) -> None:
