@@ -92,13 +92,13 @@ class DirectAnswers:
     5,192 -> 6,471 requests/s (5 of 6); mnist `/decode` 3,581 -> 4,411 (6 of 6).
 
     The protocol asks `takes` once a request's head is in, holding uvicorn's handling of it back, then `parse` once its
-    body is. A request declined at either step (another method or path, no JSON content type on a JSON route, no
-    Content-Length or a body over `max_body`, a wrong API key, models loading, a JSON body that is not valid) goes to
-    uvicorn and the app as if it had never been held, so every answer but the common ones is the app's as ever. A query
-    string is taken along: these routes read none, and FastAPI ignores one they do not declare. `/encode` reads its own
-    body (a form or JSON), and answers what is wrong with it itself, as through the app. Where the server answers CORS
-    (`cors`), Starlette's CORS middleware adds its headers to a direct answer as it does to the app's, so a page's
-    requests are answered directly too.
+    body is. A request declined at either step (another method or path, no JSON content type on a JSON route, a body
+    over `max_body`, declared or, chunked, as it comes, a wrong API key, models loading, a JSON body that is not valid)
+    goes to uvicorn and the app as if it had never been held, so every answer but the common ones is the app's as ever.
+    A query string is taken along: these routes read none, and FastAPI ignores one they do not declare. `/encode` reads
+    its own body (a form or JSON), and answers what is wrong with it itself, as through the app. Where the server
+    answers CORS (`cors`), Starlette's CORS middleware adds its headers to a direct answer as it does to the app's, so a
+    page's requests are answered directly too.
 
     A held body is not counted against VAE_MAX_BODY_BYTES_IN_FLIGHT: it is at most what uvicorn buffers of any
     request's body before it stops reading from its connection (HIGH_WATER_LIMIT), so it adds nothing to what the
@@ -143,7 +143,7 @@ class DirectAnswers:
         entry = self.routes.get(url.partition(b"?")[0])
         if entry is None:
             return False
-        length = content_type = None
+        length = content_type = encoding = None
         authorization = b""
         for name, value in headers:
             if name == b"content-length":
@@ -153,8 +153,11 @@ class DirectAnswers:
             elif name == b"authorization":
                 authorization = value
             elif name == b"transfer-encoding":
+                encoding = value
+        if encoding is not None:  # chunked: held till it is in, unless more than `max_body` comes (the protocol)
+            if length is not None or encoding.lower() != b"chunked":
                 return False
-        if length is None or not length.isdigit() or int(length) > self.max_body:
+        elif length is None or not length.isdigit() or int(length) > self.max_body:
             return False
         if entry[1] is not None and (content_type is None or not content_type.startswith(b"application/json")):
             return False

@@ -34,6 +34,17 @@ def post(
     )
 
 
+def chunked(
+    body: bytes, *, path: bytes = b"/sample", content_type: bytes = b"application/json", headers: bytes = b""
+) -> bytes:
+    """`post` with its body in chunks of 1,000 bytes (Transfer-Encoding: chunked), as a client streaming it sends."""
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[i : i + 1000] for i in range(0, len(body), 1000)))
+    return (
+        b"POST %s HTTP/1.1\r\nhost: test\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n%s\r\n%s0\r\n\r\n"
+        % (path, content_type, headers, chunks)
+    )
+
+
 def form(model: bytes, image: bytes) -> bytes:
     """A multipart form (boundary FORM's) with `model`, where given, and `image` as its one file."""
     model_part = b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\n%s\r\n' % model if model else b""
@@ -121,6 +132,12 @@ REQUESTS = {
     "an upload as text": (post(b"hello", path=b"/encode", content_type=b"text/plain"), True),
     "an upload over 64 KiB": (post(form(b"mnist", png(size=(300, 300)) + b"\0" * 66000), path=b"/encode",
                                    content_type=FORM), False),
+    "a chunked body": (chunked(b'{"model": "faces", "seed": 3}' + b" " * 2500), True),
+    "a chunked upload": (chunked(form(b"faces", png(size=(60, 50))), path=b"/encode", content_type=FORM), True),
+    "a chunked body over 64 KiB": (chunked(b'{"model": "faces", "seed": 3}' + b" " * 66000), False),
+    "chunked, and a Content-Length too": (
+        chunked(b'{"model": "faces", "seed": 3}', headers=b"content-length: 31\r\n"), False
+    ),
 }
 
 
