@@ -153,6 +153,8 @@ class DirectAnswers:
             elif name == b"authorization":
                 authorization = value
             elif name == b"transfer-encoding":
+                if encoding is not None:  # several: the app's, as anything unusual is
+                    return False
                 encoding = value
         if encoding is not None:  # chunked: held till it is in, unless more than `max_body` comes (the protocol)
             if length is not None or encoding.lower() != b"chunked":

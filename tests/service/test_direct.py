@@ -135,6 +135,7 @@ REQUESTS = {
     "a chunked body": (chunked(b'{"model": "faces", "seed": 3}' + b" " * 2500), True),
     "a chunked upload": (chunked(form(b"faces", png(size=(60, 50))), path=b"/encode", content_type=FORM), True),
     "a chunked body over 64 KiB": (chunked(b'{"model": "faces", "seed": 3}' + b" " * 66000), False),
+    "chunked, said twice": (chunked(b'{"model": "faces", "seed": 3}', headers=b"transfer-encoding: chunked\r\n"), False),
     "chunked, and a Content-Length too": (
         chunked(b'{"model": "faces", "seed": 3}', headers=b"content-length: 31\r\n"), False
     ),
