@@ -272,10 +272,10 @@ async def interpolate(body: InterpolateRequest, request: Request, runtime: Runti
             continue
         assert end.image is not None
         try:
-            x = await runtime.prepare_uploads(model, [decode_base64(end.image, 0)], body.invert)
+            mu, _ = await runtime.encode_uploads(model, [decode_base64(end.image, 0)], body.invert)
         except ImageError as exc:
             raise unprocessable(f"{label}.image: {exc}") from None
-        ends.append((await runtime.encode(body.model, x))[0][0])
+        ends.append(mu[0])
     t = torch.linspace(0, 1, body.steps)[:, None]
     a, b = ends
     z = slerp(a, b, t) if body.method == "slerp" else (1 - t) * a + t * b

@@ -252,10 +252,13 @@ async def interpolate(client: httpx.AsyncClient, start: dict[str, object], end: 
     return await client.post("/interpolate", json={"model": "faces", "start": start, "end": end, "steps": 3})
 
 
+@ON_BATCH_THREAD
 @pytest.mark.parametrize(("data", "name", "content_type", "message"), HOSTILE)
 async def test_a_hostile_interpolation_endpoint_image_is_422_naming_the_end(
-    client: httpx.AsyncClient, data: bytes, name: str, content_type: str, message: str
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, on_batch_thread: bool,
+    data: bytes, name: str, content_type: str, message: str,
 ) -> None:
+    images_on_batch_thread(monkeypatch, on_batch_thread)
     r = await interpolate(client, {"z": [0.0] * 8}, {"image": base64.b64encode(data).decode()})
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith("end.image: ") and message in r.json()["detail"]
