@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -13,6 +14,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 
 from bench import baselines, ceiling, load, provenance, report
-from bench.server import env_item, running_server
+from bench.server import Server, env_item, running_server
 from service import cpus, graphs, imaging
 from service.artifact import ArtifactError, read_artifact
 from service.repository import discover, pick_device, pick_dtype
@@ -124,12 +126,11 @@ def measure_service(args: argparse.Namespace, models: list[str], workloads: dict
             ref = report.TARGET_REFERENCES.get((s.request, s.concurrency)) if s.model == report.TARGET_MODEL else None
             for _ in range(args.repeat if ref else 1):
                 time.sleep(0.5)  # let the previous run's last answers drain, before the in-process timing too
-                before = workloads[s.model].measure(*ref, threads_setting, args.min_time) if ref else None
                 body, content_type = bodies[s]
-                run = load.measure(server, s, body, content_type, args.duration, args.wrk_threads)
-                if ref and before:
-                    after = workloads[s.model].measure(*ref, threads_setting, args.min_time)
-                    run["paired_ceiling"] = report.paired(before, after)
+                run = paired_run(
+                    workloads[s.model], ref, threads_setting, args.min_time,
+                    functools.partial(load.measure, server, s, body, content_type, args.duration, args.wrk_threads),
+                )
                 runs.append(run)
                 errors = run["non_2xx"] + sum(run["socket_errors"].values())
                 say(f"  {s.model:6} {s.request:17} c={s.concurrency:<3} {run['images_per_s']:9.1f} images/s  "
@@ -154,6 +155,20 @@ def measure_service(args: argparse.Namespace, models: list[str], workloads: dict
     }
 
 
+def paired_run(
+    workload: ceiling.Workload, ref: tuple[str, int] | None, threads: int, min_time: float,
+    measure_load: Callable[[], dict[str, Any]],
+) -> dict[str, Any]:
+    """One load run; where `ref` (mode, batch) is given, paired with in-process timings of it just before and just after
+    (`paired_ceiling`), so that the ratio judged is of the same minutes."""
+    if ref is None:
+        return measure_load()
+    before = workload.measure(*ref, threads, min_time)
+    run = measure_load()
+    run["paired_ceiling"] = report.paired(before, workload.measure(*ref, threads, min_time))
+    return run
+
+
 def measure_baselines(args: argparse.Namespace, model: str, workdir: Path, workload: ceiling.Workload) -> list[dict[str, Any]]:
     """The same `sample n=1` scenarios as the service, against each general-purpose baseline (bench/baselines.py),
     each started fresh with torch's default threads and warmed up like the service. A one-connection run is paired
@@ -176,11 +191,10 @@ def measure_baselines(args: argparse.Namespace, model: str, workdir: Path, workl
                     load.run_wrk(f"{server.url}/{s.endpoint}", body, content_type, s.accept, s.concurrency, 1.0)
                 for s, (body, content_type) in bodies.items():
                     time.sleep(0.5)  # a server that cannot tell a client has gone works off the last run's backlog
-                    before = workload.measure("decode+png", 1, 0, args.min_time) if s.concurrency == 1 else None
-                    run = load.measure(server, s, body, content_type, args.duration, args.wrk_threads)
-                    run |= {"server": name, "ready_s": server.ready_s, "memory_mib": server.memory_mb()}
-                    if before is not None:
-                        run["paired_ceiling"] = report.paired(before, workload.measure("decode+png", 1, 0, args.min_time))
+                    run = paired_run(
+                        workload, ("decode+png", 1) if s.concurrency == 1 else None, 0, args.min_time,
+                        functools.partial(_baseline_run, args, name, server, s, body, content_type),
+                    )
                     runs.append(run)
                     lone = report.lone_ratio(run)
                     say(f"  {name:8} {s.request:12} c={s.concurrency:<3} {run['images_per_s']:9.1f} images/s  "
@@ -190,6 +204,14 @@ def measure_baselines(args: argparse.Namespace, model: str, workdir: Path, workl
         except (RuntimeError, OSError) as exc:  # LitServe not installed, say: the others still count
             say(f"baseline {name} did not run: {str(exc)[-600:]}")
     return runs
+
+
+def _baseline_run(
+    args: argparse.Namespace, name: str, server: Server, s: load.Scenario, body: Path, content_type: str
+) -> dict[str, Any]:
+    """One load run against a baseline server, with the server's name, start-up time and memory right after it."""
+    run = load.measure(server, s, body, content_type, args.duration, args.wrk_threads)
+    return run | {"server": name, "ready_s": server.ready_s, "memory_mib": server.memory_mb()}
 
 
 def results_name(results: dict[str, Any]) -> str:

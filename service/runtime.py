@@ -269,9 +269,9 @@ class Runtime:
         it is full, the request is refused (429) without the CPU spent on decoding.
 
         With `images_on_batch_thread`, a request's one upload of at most UPLOAD_ON_BATCH_PIXELS times the model's
-        pixels (by its header, in a file of no more bytes than those pixels hold) is decoded by its batch's own thread (`uploads.Upload`), not handed to an image thread
-        and back, a pass of the event loop each way (or, for a digit, prepared on the loop). 2 cores, one image at 32
-        connections, alternating servers: faces 862 -> 957 images/s, mnist 2,102 -> 2,696, the event loop's time a
+        pixels (by its header, in a file of no more bytes than those pixels hold) is decoded by its batch's own thread
+        (`uploads.Upload`), not handed to an image thread and back, a pass of the event loop each way (or, for a digit,
+        prepared on the loop). 2 cores, one image at 32 connections, alternating servers: faces 862 -> 957 images/s, mnist 2,102 -> 2,696, the event loop's time a
         request 330 -> 244 and 399 -> 174 us (bench/README.md, *Uploads decoded by their batch's thread*). A larger
         upload goes to the image threads, so that no batch waits on its decode."""
         channels, height, width = model.image_shape
