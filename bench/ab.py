@@ -51,8 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("b", help="the version measured: a git revision, or a directory (`.`: the working tree)")
     p.add_argument("--model", default="faces", help="the model asked for (default faces)")
     p.add_argument("--endpoint", default="sample", choices=("sample", "encode"),
-                   help="POST /sample, or POST /encode of one image the model drew (default sample)")
-    p.add_argument("--n", type=int, default=1, help="images per /sample request (default 1)")
+                   help="POST /sample, or POST /encode of images the model drew (default sample)")
+    p.add_argument("--n", type=int, default=1, help="images per request: /sample's n, or /encode's uploads (default 1)")
     p.add_argument("--json", action="store_true", help="ask for JSON (Accept: application/json) instead of a PNG")
     p.add_argument("--header", action="append", default=[], type=header_item, metavar="'NAME: VALUE'",
                    help="a request header wrk sends on every request (repeatable), e.g. 'Origin: https://app.example.com'")
@@ -159,7 +159,7 @@ def drawn_image(server: Server, model: str) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load.wrk_version()  # exits with how to install wrk where it is missing
-    scenario = load.Scenario(args.model, args.endpoint, args.n if args.endpoint == "sample" else 1, args.concurrency,
+    scenario = load.Scenario(args.model, args.endpoint, args.n, args.concurrency,
                              "application/json" if args.json else "image/png", tuple(args.header))
     envs = {side: dict([*args.env, *getattr(args, f"env_{side}")]) for side in SIDES}
     refs = {"a": args.a, "b": args.b}

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import service.imaging
+import service.runtime
 from service.imaging import ImageError, open_upload, prepare_upload
 from service.uploads import Upload
 from tests.conftest import png
@@ -206,6 +207,65 @@ async def test_a_one_image_request_is_not_held_behind_the_uploads_of_a_many_imag
     await asyncio.sleep(0.05)
     one = await encode(1)
     assert one < 0.4 and one < await many / 2  # it took a turn among them, not the end of their queue
+
+
+async def test_a_request_s_digits_are_prepared_in_turns_on_one_image_thread_and_larger_uploads_on_each(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several uploads are prepared in turns, one after another on a thread until the turn's time is up, not a hand-off
+    each. Small ones (digits: Python's work, the GIL held) take one image thread; larger ones every image thread, a
+    request's turns never more than there are threads."""
+    real, threads, running, most = service.imaging.prepare_upload, [], [0], [0]
+
+    def recording(data: object, *args: object, **kwargs: object) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            if not kwargs["digit"]:
+                time.sleep(0.01)  # each larger upload a turn of its own
+            return real(data, *args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(service.imaging, "prepare_upload", recording)
+    monkeypatch.setattr(service.runtime, "UPLOAD_TURN_S", 1.0)  # a turn has time for every digit
+    image_threads = client.app.state.runtime.image_threads  # type: ignore[attr-defined]
+    handed, real_submit = [], image_threads.submit
+    monkeypatch.setattr(image_threads, "submit", lambda *a, **k: handed.append(1) or real_submit(*a, **k))
+
+    rng = np.random.default_rng(0)
+    digits = [png(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(12)]
+    r = await client.post("/encode", data={"model": "mnist"}, files=[("image", ("d.png", d, "image/png")) for d in digits])
+    assert r.status_code == 200
+    assert len(threads) == 12 and len(set(threads)) == 1 and threads[0].startswith("image")
+    assert len(handed) == 1  # one turn, one hand-off, for all twelve
+    mu = np.array(r.json()["mu"])  # in the request's order
+    for i in (0, 5, 11):
+        one = await client.post("/encode", data={"model": "mnist"}, files=[("image", ("d.png", digits[i], "image/png"))])
+        assert np.allclose(mu[i], one.json()["mu"][0], atol=1e-5)
+
+    threads.clear()
+    faces = [png(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)) for _ in range(6)]
+    r = await client.post("/encode", data={"model": "faces"}, files=[("image", ("f.png", f, "image/png")) for f in faces])
+    assert r.status_code == 200
+    assert len(threads) == 6 and len(set(threads)) == service.runtime.IMAGE_THREADS == most[0]
+
+
+async def test_an_upload_that_fails_ends_its_request_s_turns(client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    real, prepared = service.imaging.prepare_upload, []
+
+    def slow(data: object, *args: object, **kwargs: object) -> np.ndarray:
+        prepared.append(1)
+        time.sleep(0.01)
+        return real(data, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service.imaging, "prepare_upload", slow)
+    files = [b"not an image"] + [png(size=(80, 80))] * 15
+    r = await client.post("/encode", data={"model": "faces"}, files=[("image", ("x.png", f, "image/png")) for f in files])
+    assert r.status_code == 422 and "not a readable image" in r.json()["detail"]
+    await asyncio.sleep(0.1)
+    assert len(prepared) <= 1 + service.runtime.IMAGE_THREADS  # the turns running when it failed, no more
 
 
 @pytest.mark.parametrize("on_batch_thread", [False, True])
