@@ -122,6 +122,13 @@ class Lanes:
             return self.model_thread
         return None
 
+    def take_lane_now(self) -> ThreadPoolExecutor | None:
+        """A free lane, if the model thread does not compute and no batch waits for a thread; else None. A cheap
+        model's lone request of more than a lane's batch takes it at once (`Batcher.parts`)."""
+        if not self._solo_busy and self._free and not self._waiting:
+            return self._free.pop()
+        return None
+
     def _first_waiting_besides(self, owner: object) -> tuple[object, asyncio.Future[ThreadPoolExecutor | None]] | None:
         # over a copy: `others_waiting` asks from a lane's thread while the event loop changes the list
         return next((w for w in list(self._waiting) if w[0] is not owner and not w[1].done()), None)

@@ -207,6 +207,44 @@ async def test_a_burst_that_would_take_one_lane_long_is_shared_among_the_free_la
         lanes.shutdown()
 
 
+@pytest.mark.parametrize(("cpu_per_image_s", "batches"), [(0.002, [8, 8]), (0.0, [16])], ids=["costly", "cheap"])
+async def test_a_lone_request_of_more_than_a_lane_s_batch_is_one_batch_on_one_lane_for_a_cheap_model(
+    cpu_per_image_s: float, batches: list[int]
+) -> None:
+    """A costly model's lone large request is decoded in parts on the lanes side by side; a cheap model's (one lane
+    computes it in under LANE_SPLIT_S, as its earlier batches measured) in one batch on one lane, up to the lanes'
+    batches together: its work is mostly Python's, which two lanes would only share the GIL for."""
+    calls: list[tuple[str, int]] = []
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        until = time.thread_time() + cpu_per_image_s * len(x)
+        while time.thread_time() < until:
+            pass
+        calls.append((threading.current_thread().name, len(x)))
+        return x * 2
+
+    lanes = Lanes(ThreadPoolExecutor(1, thread_name_prefix="model"), single_thread_lanes(2))
+    b = Batcher("m", "decode", predict, lanes, Metrics(), max_batch_size=LANE_MIN_IMAGES, max_wait_s=0.001, queue_size=256)
+    b.start()
+    try:
+        (out,) = await b.submit(torch.arange(16.0)[:, None], timeout_s=5, alone=True)  # no lane has measured yet: parts
+        assert sorted(size for _, size in calls) == [8, 8] and all(t.startswith("lane") for t, _ in calls)
+        assert out[:, 0].tolist() == [2.0 * i for i in range(16)]
+        calls.clear()
+        (out,) = await b.submit(torch.arange(16.0)[:, None], timeout_s=5, alone=True)
+        assert sorted(size for _, size in calls) == batches and all(t.startswith("lane") for t, _ in calls)
+        assert out[:, 0].tolist() == [2.0 * i for i in range(16)]  # in order, whole or in parts
+        calls.clear()
+        await b.submit(torch.ones(24, 1), timeout_s=5, alone=True)  # more than the lanes' batches together: parts
+        assert sorted(size for _, size in calls) == [8, 8, 8]
+        calls.clear()
+        await b.submit(torch.ones(16, 1), timeout_s=5)  # not the only request in progress: parts
+        assert sorted(size for _, size in calls) == [8, 8]
+    finally:
+        await b.stop()
+        lanes.shutdown()
+
+
 class HeldLanes:
     """Two single-thread lanes whose model calls wait for `release`, and what each call saw: (model, thread, size)."""
 
