@@ -480,10 +480,11 @@ class Batcher:
         batches together (a request that comes meanwhile may take another lane: at most 1.5 times a full batch in
         flight on 2 lanes, for a model this cheap). Such a request's work is mostly Python's (`mnist`: a digit's PNG,
         28x28), and two lanes held up each other's GIL. `mnist` n=64 at one connection on 2 cores, alternating
-        servers: as JSON 2.58 -> 2.32 ms p50 (p99 3.65 -> 2.82), as a grid 1.62 -> 1.31 (bench/README.md, *A cheap
-        model's large request in one batch*). On the model thread, with both torch threads, it was faster still at the
-        median but a grid's p99 went from 2.7 to 9.5-11.8 ms: its OpenMP worker still spun while the event loop
-        encoded the grid and the client read it. `faces` stays split: its decode is the work, two lanes side by side."""
+        servers: as JSON 2.58 -> 2.32 and 2.65 -> 2.50 ms p50 in two series, as a grid 1.62 -> 1.31
+        (bench/README.md, *A cheap model's large request in one batch*). On the model thread, with both torch
+        threads, it was faster still at the median but a grid's p99 went from 2.7 to 9.5-11.8 ms: its OpenMP worker
+        still spun while the event loop encoded the grid and the client read it. `faces` stays split: its decode is
+        the work, two lanes side by side."""
         lanes, per_image = len(self._lanes.singles), self._lane_seconds_per_image
         return (
             lanes > 1 and images <= self.max_batch_size * lanes and per_image is not None
