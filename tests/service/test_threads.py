@@ -130,6 +130,33 @@ async def test_under_load_one_small_png_is_encoded_on_the_event_loop_and_larger_
         await Runtime.grid_png(busy, torch.zeros(1, 96, 96, 3, dtype=torch.uint8), None)  # type: ignore[arg-type]
 
 
+async def test_a_request_s_pngs_take_an_image_thread_for_every_64_kib_of_pixels_at_most_one_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Small images' PNGs (digits) are encoded on one image thread: threads encoding them at once share the GIL. Larger
+    ones spread over the threads, a thread for every PNG_CHUNK_BYTES of pixels."""
+    encoded_on: list[tuple[str, int]] = []
+    real = runtime._base64_pngs
+
+    def spy(tiles: np.ndarray, level: int | None) -> list[bytes]:
+        encoded_on.append((threading.current_thread().name, len(tiles)))
+        return real(tiles, level)
+
+    monkeypatch.setattr(runtime, "_base64_pngs", spy)
+    monkeypatch.setattr(runtime, "IMAGE_THREADS", 4)
+    with ThreadPoolExecutor(4, thread_name_prefix="image") as pool:
+        busy = SimpleNamespace(png_level=None, image_threads=pool, alone=False)
+        digits = torch.randint(0, 256, (64, 28, 28, 1), dtype=torch.uint8)  # 49 KiB of pixels
+        pngs = await Runtime.base64_pngs(busy, digits)  # type: ignore[arg-type]
+        assert len(pngs) == 64 and [size for _, size in encoded_on] == [64]
+        encoded_on.clear()
+        faces = torch.randint(0, 256, (8, 96, 96, 3), dtype=torch.uint8)  # 216 KiB: three threads' worth
+        pngs = await Runtime.base64_pngs(busy, faces)  # type: ignore[arg-type]
+        assert [np.asarray(decode_png(base64.b64decode(p))).tolist() for p in pngs] == faces.numpy().tolist()
+        assert sorted(size for _, size in encoded_on) == [2, 3, 3]
+        assert all(name.startswith("image") for name, _ in encoded_on)
+
+
 @pytest.mark.parametrize("count, size", [(64, 48), (1, 320)])
 async def test_a_large_png_is_deflated_in_parts_on_the_image_threads_and_is_the_same_image(
     count: int, size: int, monkeypatch: pytest.MonkeyPatch
