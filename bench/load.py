@@ -57,6 +57,7 @@ def scenarios(models: list[str]) -> list[Scenario]:
         out += [Scenario(model, "sample", 64, c, "application/json") for c in (1, 2)]
         out.append(Scenario(model, "sample", 64, 1))  # the default answer: one PNG of an 8x8 grid
         out.append(Scenario(model, "encode", 1, 32))
+        out.append(Scenario(model, "encode", 64, 1))  # a bulk encode: 64 uploads a request, against upload+encode at 64
     return out
 
 
