@@ -322,9 +322,9 @@ class Runtime:
         if len(files[0]) <= SMALL_UPLOAD_BYTES:
             uploads[0] = first = imaging.open_upload(files[0], max_pixels)  # opened here: its header is not read twice
             small = first.width * first.height <= SMALL_UPLOAD_PIXELS
-            if len(files) == 1:
-                array = prepare(first) if small else await loop.run_in_executor(self.image_threads, prepare, first)
-                return torch.from_numpy(array)[None]
+        if len(uploads) == 1:  # one hand-off, or none
+            array = prepare(uploads[0]) if small else await loop.run_in_executor(self.image_threads, prepare, uploads[0])
+            return torch.from_numpy(array)[None]
         waiting = collections.deque(enumerate(uploads))  # popleft is atomic: the turns share it without a lock
         arrays: list[np.ndarray | None] = [None] * len(uploads)
 
