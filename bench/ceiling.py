@@ -5,7 +5,8 @@ loads it (`load_model`: its precision, and its CUDA graphs on a GPU):
 - `decode`: the decode batcher's call (`batcher.compute`): the model's decode, the output checks,
   `imaging.quantize` to uint8 pixels and the copy to the CPU;
 - `decode+png`: the same, then one `imaging.png_bytes` per image, one after another;
-- `upload+encode`: `imaging.prepare_upload` for each uploaded PNG, then the model's encode (what /encode does).
+- `upload+encode`: `imaging.prepare_uploads` of the batch's uploaded PNGs, together as a batch's thread prepares them,
+  then the model's encode (what /encode does).
 """
 
 from __future__ import annotations
@@ -108,11 +109,8 @@ class Workload:
             return [imaging.png_bytes(tile, self.png_level) for tile in decode()]
 
         def upload_encode() -> tuple[torch.Tensor, ...]:
-            arrays = [
-                imaging.prepare_upload(self.upload, artifact.image_shape, max_pixels=_MAX_PIXELS, digit=digit)
-                for _ in range(batch)
-            ]
-            x = torch.from_numpy(np.stack(arrays))
+            arrays = imaging.prepare_uploads([self.upload] * batch, artifact.image_shape, max_pixels=_MAX_PIXELS, digit=digit)
+            x = torch.from_numpy(np.stack(arrays))  # type: ignore[arg-type]  # the model's own PNG: no failure
             with torch.inference_mode():
                 mu, log_var = encoder(x)
             return mu.float().cpu(), log_var.float().cpu()

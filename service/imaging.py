@@ -6,11 +6,15 @@ import io
 import math
 import struct
 import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from isal import isal_zlib
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+_T = TypeVar("_T")
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
@@ -187,30 +191,47 @@ def _center_box(size: tuple[int, int], height: int, width: int) -> tuple[int, in
     return 0, top, w, top + new_h
 
 
-def _fit_digit(gray: np.ndarray, size: int) -> np.ndarray:
-    """MNIST's own normalisation: the digit's bounding box into 20/28 of the frame, centred by mass.
+def _fit_digits(grays: np.ndarray, size: int) -> np.ndarray:
+    """MNIST's own normalisation of (N, H, W) uint8 digits -> (N, size, size): each digit's bounding box into 20/28 of
+    the frame, centred by mass.
 
-    Integer pixels throughout, and plain Python for the scalars: a 28x28 upload took 108-166 us here in numpy's float
-    calls (np.clip on two Python numbers alone 10 us), more than its PNG decode."""
-    peak = int(gray.max())
-    if peak == 0:  # nothing inked: the whole frame, resized
-        return _pixels(Image.fromarray(gray).resize((size, size), Image.Resampling.LANCZOS))
-    mask = gray > 0.25 * peak
+    The boxes and centres of all of them in one set of numpy calls, integer pixels throughout, and plain Python for
+    the scalars: for a 28x28 digit each numpy call costs more than its arithmetic (np.clip on two Python numbers alone
+    10 us), so a batch's digits cost 22 us each here against 40 one at a time."""
+    n, height, width = grays.shape
+    out = np.zeros((n, size, size), dtype=np.uint8)
+    peaks = grays.max(axis=(1, 2))
+    mask = grays > (0.25 * peaks)[:, None, None]
     # The box from each row's and column's any(): np.nonzero(mask) would list every inked pixel, 635 MB of indices for
-    # a 40-megapixel upload that compresses to 52 KB.
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    crop = gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    # a 40-megapixel upload that compresses to 52 KB. A digit with ink has a row and a column of it (its peak's).
+    rows, cols = mask.any(axis=2), mask.any(axis=1)
+    tops, bottoms = rows.argmax(axis=1).tolist(), (height - rows[:, ::-1].argmax(axis=1)).tolist()
+    lefts, rights = cols.argmax(axis=1).tolist(), (width - cols[:, ::-1].argmax(axis=1)).tolist()
     box = round(size * 20 / 28)
-    scale = box / max(crop.shape)
-    h, w = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
-    digit = _pixels(Image.fromarray(crop).resize((w, h), Image.Resampling.LANCZOS))
-    total = int(digit.sum(dtype=np.int64))
-    cy = int(digit.sum(axis=1, dtype=np.int64) @ np.arange(h)) / total if total else h / 2
-    cx = int(digit.sum(axis=0, dtype=np.int64) @ np.arange(w)) / total if total else w / 2
-    out = np.zeros((size, size), dtype=np.uint8)
-    top = min(max(round(size / 2 - cy), 0), size - h)
-    left = min(max(round(size / 2 - cx), 0), size - w)
-    out[top : top + h, left : left + w] = digit
+    boxed = np.zeros((n, box, box), dtype=np.uint8)  # each digit resized into its top left corner
+    sizes: list[tuple[int, int] | None] = []
+    for i, peak in enumerate(peaks.tolist()):
+        if peak == 0:  # nothing inked: the whole frame, resized
+            out[i] = _pixels(Image.fromarray(grays[i]).resize((size, size), Image.Resampling.LANCZOS))
+            sizes.append(None)
+            continue
+        crop = grays[i, tops[i] : bottoms[i], lefts[i] : rights[i]]
+        scale = box / max(crop.shape)
+        h, w = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
+        boxed[i, :h, :w] = _pixels(Image.fromarray(crop).resize((w, h), Image.Resampling.LANCZOS))
+        sizes.append((h, w))
+    totals = boxed.sum(axis=(1, 2), dtype=np.int64).tolist()
+    row_mass = (boxed.sum(axis=2, dtype=np.int64) @ np.arange(box)).tolist()
+    col_mass = (boxed.sum(axis=1, dtype=np.int64) @ np.arange(box)).tolist()
+    for i, hw in enumerate(sizes):
+        if hw is None:
+            continue
+        h, w = hw
+        cy = row_mass[i] / totals[i] if totals[i] else h / 2
+        cx = col_mass[i] / totals[i] if totals[i] else w / 2
+        top = min(max(round(size / 2 - cy), 0), size - h)
+        left = min(max(round(size / 2 - cx), 0), size - w)
+        out[i, top : top + h, left : left + w] = boxed[i, :h, :w]
     return out
 
 
@@ -235,9 +256,76 @@ def prepare_upload(
     EXIF rotation is applied and only the first frame of an animation is used. `invert` None means
     auto: for single-channel models, a light background (a photo of ink on paper) is inverted to the
     light-on-dark that MNIST-like models saw. `digit` applies MNIST's size-and-centre normalisation.
+    Raises ImageError for an upload that is no image, or too large a one.
     """
     channels, height, width = shape
-    image = data if isinstance(data, Image.Image) else open_upload(data, max_pixels)
+    image = _decoded(data if isinstance(data, Image.Image) else open_upload(data, max_pixels), channels, height, width)
+    if channels != 1:
+        return _resized(image, height, width).transpose(2, 0, 1)
+    return _gray_inputs(_pixels(image)[None], (height, width), invert, digit)[0]
+
+
+def prepare_uploads(
+    uploads: Sequence[bytes | Image.Image],
+    shape: tuple[int, int, int],
+    *,
+    max_pixels: int,
+    invert: bool | None = None,
+    digit: bool = False,
+) -> list[np.ndarray | Exception]:
+    """`prepare_upload` of several uploads: each one's input, or what it raised (an ImageError where the upload is at
+    fault), so that one upload's failure is its own.
+
+    Made stage by stage for all of them, not upload by upload, and single-channel ones in one set of numpy calls for
+    all of a size: a small image's work is mostly Python's and numpy's per call, and the same calls in a row run
+    faster (the interpreter's and the CPU's caches warm). 64 MNIST digits took 62 us each against 120 one by one, 8 of
+    them 70 us each (in-process, 2 cores; bench/README.md, *A batch's uploads prepared together*)."""
+    if len(uploads) == 1:  # no stages to share: the shorter way
+        return [_attempt(prepare_upload, uploads[0], shape, max_pixels=max_pixels, invert=invert, digit=digit)]
+    channels, height, width = shape
+    opened = [upload if isinstance(upload, Image.Image) else _attempt(open_upload, upload, max_pixels) for upload in uploads]
+    made = [x if isinstance(x, Exception) else _attempt(_decoded, x, channels, height, width) for x in opened]
+    images = [(i, x) for i, x in enumerate(made) if isinstance(x, Image.Image)]
+    if channels != 1:
+        for i, image in images:
+            made[i] = _resized(image, height, width).transpose(2, 0, 1)
+        return made  # type: ignore[return-value]  # every image made an array
+    while images:  # those of one size at a time: usually all of them
+        size = images[0][1].size
+        group = [(i, image) for i, image in images if image.size == size]
+        images = [(i, image) for i, image in images if image.size != size] if len(group) < len(images) else []
+        grays = np.stack([_pixels(image) for _, image in group])
+        for (i, _), array in zip(group, _gray_inputs(grays, (height, width), invert, digit), strict=True):
+            made[i] = array
+    return made  # type: ignore[return-value]
+
+
+def _gray_inputs(grays: np.ndarray, size: tuple[int, int], invert: bool | None, digit: bool) -> np.ndarray:
+    """(N, H, W) uint8 pixels of single-channel uploads -> the model's float32 (N, 1, height, width) inputs: inverted
+    where asked or where the border is light, then fitted as a digit or resized."""
+    flips = [invert] * len(grays)
+    if invert is None:
+        border = np.concatenate([grays[:, 0], grays[:, -1], grays[:, :, 0], grays[:, :, -1]], axis=1)
+        flips = (border.mean(axis=1) > 127.5).tolist()
+    if all(flips):
+        grays = 255 - grays
+    elif any(flips):
+        grays = np.where(np.array(flips)[:, None, None], 255 - grays, grays)
+    if digit:
+        return (_fit_digits(grays, size[0]).astype(np.float32) / 255.0)[:, None]
+    return np.stack([_resized(Image.fromarray(gray), *size) for gray in grays])[:, None]
+
+
+def _attempt(make: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | Exception:
+    """What `make` returns, or what it raised: one upload's failure, its own."""
+    try:
+        return make(*args, **kwargs)
+    except Exception as exc:
+        return exc
+
+
+def _decoded(image: Image.Image, channels: int, height: int, width: int) -> Image.Image:
+    """An upload's first frame, its pixels decoded, turned upright by its EXIF, in 8-bit L or RGB."""
     try:
         image.seek(0)
         image.draft("RGB" if channels == 3 else "L", (width * 2, height * 2))  # JPEG: decode at reduced size
@@ -245,27 +333,22 @@ def prepare_upload(
         # 304 -> 153 MiB at its peak)
         ImageOps.exif_transpose(image, in_place=True)
         image.load()
-        pil = _to_mode(image, channels)
+        return _to_mode(image, channels)
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageError(f"the image could not be decoded: {exc}") from None
-    if channels == 1:
-        gray = _pixels(pil)
-        if invert is None:
-            border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-            invert = float(border.mean()) > 127.5
-        if invert:
-            gray = 255 - gray
-        if digit:
-            return (_fit_digit(gray, height).astype(np.float32) / 255.0)[None]
-        pil = Image.fromarray(gray)
-    # An RGB upload stays a Pillow image till it is small, and one of the model's shape is not cropped: no full-size copy
-    # is made (a square 40-megapixel PNG of 131 KB took 1.05 s and 416 MiB with three, 0.65 s and 151 MiB without).
-    # `resize(box=...)` would spare the crop's copy too, but it filters across the box's edges: other pixels.
-    box = _center_box(pil.size, height, width)
-    if box != (0, 0, *pil.size):
-        pil = pil.crop(box)
-    pil = pil.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    array = np.asarray(pil, dtype=np.float32) / 255.0
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def _resized(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """An 8-bit image -> float32 (height, width[, C]) in [0, 1]: its largest centred box of the model's aspect ratio,
+    resized.
+
+    It stays a Pillow image till it is small, and one of the model's shape is not cropped: no full-size copy is made (a
+    square 40-megapixel PNG of 131 KB took 1.05 s and 416 MiB with three, 0.65 s and 151 MiB without).
+    `resize(box=...)` would spare the crop's copy too, but it filters across the box's edges: other pixels."""
+    box = _center_box(image.size, height, width)
+    if box != (0, 0, *image.size):
+        image = image.crop(box)
+    image = image.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return np.asarray(image, dtype=np.float32) / 255.0

@@ -109,6 +109,35 @@ def test_a_digit_is_boxed_into_20_of_28_pixels_and_centred_by_its_mass_as_mnist_
     assert blank.shape == (1, 28, 28) and not blank.any()
 
 
+@pytest.mark.parametrize("invert", [None, True, False])
+@pytest.mark.parametrize(("shape", "digit"), [((1, 28, 28), True), ((1, 28, 28), False), ((3, 96, 96), False)])
+def test_uploads_prepared_together_are_each_as_prepared_alone_and_one_that_fails_fails_alone(
+    shape: tuple[int, int, int], digit: bool, invert: bool | None
+) -> None:
+    rng = np.random.default_rng(0)
+    speck = np.zeros((28, 28), np.uint8)
+    speck[3:7, 20:23] = 200  # a small digit off centre
+    arrays = [
+        rng.integers(0, 256, (28, 28), dtype=np.uint8), speck, 255 - speck,  # dark on light: inverted by its border
+        np.zeros((28, 28), np.uint8),  # nothing inked
+        rng.integers(0, 256, (40, 33), dtype=np.uint8),  # another size
+        rng.integers(0, 256, (50, 60, 3), dtype=np.uint8), speck.T.copy(),
+    ]
+    uploads: list[bytes | Image.Image] = [png(a) for a in arrays]
+    uploads.insert(2, b"not an image")
+    uploads.append(open_upload(png(speck), 10**6))  # an image whose header is read already
+    made = service.imaging.prepare_uploads(uploads, shape, max_pixels=10**6, invert=invert, digit=digit)
+    assert len(made) == len(uploads)
+    for upload, array in zip(uploads, made, strict=True):
+        if upload == b"not an image":
+            assert isinstance(array, ImageError) and "not a readable image" in str(array)
+            continue
+        if isinstance(upload, Image.Image):
+            upload = png(speck)
+        alone = prepare_upload(upload, shape, max_pixels=10**6, invert=invert, digit=digit)
+        assert isinstance(array, np.ndarray) and array.dtype == alone.dtype and np.array_equal(array, alone)
+
+
 async def test_an_undecodable_image_is_422_saying_so(client: httpx.AsyncClient) -> None:
     r = await client.post("/encode", data={"model": "faces"}, files={"image": ("x.png", b"not an image", "image/png")})
     assert r.status_code == 422
@@ -209,47 +238,82 @@ async def test_a_one_image_request_is_not_held_behind_the_uploads_of_a_many_imag
     assert one < 0.4 and one < await many / 2  # it took a turn among them, not the end of their queue
 
 
-async def test_a_request_s_digits_are_prepared_in_turns_on_one_image_thread_and_larger_uploads_on_each(
+async def test_a_request_s_digits_are_prepared_in_turns_on_one_image_thread_together_and_larger_uploads_on_each(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Several uploads are prepared in turns, one after another on a thread until the turn's time is up, not a hand-off
-    each. Small ones (digits: Python's work, the GIL held) take one image thread; larger ones every image thread, a
-    request's turns never more than there are threads."""
-    real, threads, running, most = service.imaging.prepare_upload, [], [0], [0]
+    each. Small ones (digits: Python's work, the GIL held) take one image thread, up to UPLOAD_CHUNK of them prepared
+    together; larger ones every image thread, one at a time, a request's turns never more than there are threads."""
+    real_decoded, real_many, threads, chunks, running, most = service.imaging._decoded, service.imaging.prepare_uploads, [], [], [0], [0]
 
-    def recording(data: object, *args: object, **kwargs: object) -> np.ndarray:
+    def decoded(image: Image.Image, channels: int, *args: int) -> Image.Image:
         threads.append(threading.current_thread().name)
         running[0] += 1
         most[0] = max(most[0], running[0])
         try:
-            if not kwargs["digit"]:
+            if channels == 3:
                 time.sleep(0.01)  # each larger upload a turn of its own
-            return real(data, *args, **kwargs)  # type: ignore[arg-type]
+            return real_decoded(image, channels, *args)
         finally:
             running[0] -= 1
 
-    monkeypatch.setattr(service.imaging, "prepare_upload", recording)
+    def many(uploads: list[object], *args: object, **kwargs: object) -> list[object]:
+        chunks.append(len(uploads))
+        return real_many(uploads, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service.imaging, "_decoded", decoded)
+    monkeypatch.setattr(service.imaging, "prepare_uploads", many)
     monkeypatch.setattr(service.runtime, "UPLOAD_TURN_S", 1.0)  # a turn has time for every digit
     image_threads = client.app.state.runtime.image_threads  # type: ignore[attr-defined]
     handed, real_submit = [], image_threads.submit
     monkeypatch.setattr(image_threads, "submit", lambda *a, **k: handed.append(1) or real_submit(*a, **k))
 
     rng = np.random.default_rng(0)
-    digits = [png(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(12)]
+    digits = [png(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(service.runtime.UPLOAD_CHUNK + 4)]
     r = await client.post("/encode", data={"model": "mnist"}, files=[("image", ("d.png", d, "image/png")) for d in digits])
     assert r.status_code == 200
-    assert len(threads) == 12 and len(set(threads)) == 1 and threads[0].startswith("image")
-    assert len(handed) == 1  # one turn, one hand-off, for all twelve
-    mu = np.array(r.json()["mu"])  # in the request's order
-    for i in (0, 5, 11):
+    assert len(threads) == len(digits) and len(set(threads)) == 1 and threads[0].startswith("image")
+    assert len(handed) == 1  # one turn, one hand-off, for all of them
+    assert chunks == [service.runtime.UPLOAD_CHUNK, 4]
+    mu = np.array(r.json()["mu"])  # in the request's order, each row as the digit's alone
+    for i in (0, 5, len(digits) - 1):
         one = await client.post("/encode", data={"model": "mnist"}, files=[("image", ("d.png", digits[i], "image/png"))])
         assert np.allclose(mu[i], one.json()["mu"][0], atol=1e-5)
 
     threads.clear()
+    chunks.clear()
     faces = [png(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)) for _ in range(6)]
     r = await client.post("/encode", data={"model": "faces"}, files=[("image", ("f.png", f, "image/png")) for f in faces])
     assert r.status_code == 200
     assert len(threads) == 6 and len(set(threads)) == service.runtime.IMAGE_THREADS == most[0]
+    assert chunks == [1] * 6
+
+
+async def test_a_request_s_small_uploads_are_prepared_together_and_a_larger_one_among_them_alone(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk holds small images only (by their headers): a large one between digits is prepared on its own, and a
+    bad one among them fails the request."""
+    real_many, chunks = service.imaging.prepare_uploads, []
+
+    def many(uploads: list[object], *args: object, **kwargs: object) -> list[object]:
+        chunks.append(len(uploads))
+        return real_many(uploads, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service.imaging, "prepare_uploads", many)
+    monkeypatch.setattr(service.runtime, "UPLOAD_TURN_S", 1.0)
+    digit, large = png(size=(28, 28)), png(np.zeros((300, 300), np.uint8))  # a small file of many pixels
+    files = [digit] * 3 + [large] + [digit] * 2
+    r = await client.post("/encode", data={"model": "mnist"}, files=[("image", ("d.png", f, "image/png")) for f in files])
+    assert r.status_code == 200 and chunks == [3, 1, 2]
+    mu = np.array(r.json()["mu"])
+    alone = await client.post("/encode", data={"model": "mnist"}, files=[("image", ("d.png", large, "image/png"))])
+    assert np.allclose(mu[3], alone.json()["mu"][0], atol=1e-5) and np.allclose(mu[0], mu[5], atol=1e-5)
+
+    r = await client.post(
+        "/encode", data={"model": "mnist"}, files=[("image", ("d.png", f, "image/png")) for f in [digit, b"not a png", digit]]
+    )
+    assert r.status_code == 422 and "not a readable image" in r.json()["detail"]
 
 
 async def test_an_upload_that_fails_ends_its_request_s_turns(client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,14 +339,14 @@ async def test_a_request_s_one_upload_is_prepared_where_it_costs_least_and_large
     """Where lanes share every core, a request's one upload of up to 4 times the model's pixels is prepared by its
     batch's own thread; elsewhere a small one (a digit) on the event loop, less than a hand-off costs. Larger uploads,
     and requests of several, go to the image threads."""
-    real, where = service.imaging.prepare_upload, []
+    real, where = service.imaging._decoded, []
 
-    def recording(data: object, *args: object, **kwargs: object) -> np.ndarray:
+    def recording(*args: object) -> Image.Image:
         thread = threading.current_thread()
         where.append("loop" if thread is loop_thread else "image" if thread.name.startswith("image") else "batch")
-        return real(data, *args, **kwargs)  # type: ignore[arg-type]
+        return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(service.imaging, "prepare_upload", recording)
+    monkeypatch.setattr(service.imaging, "_decoded", recording)
     images_on_batch_thread(monkeypatch, on_batch_thread)
     loop_thread = threading.current_thread()  # the test's event loop is the app's
     uploads = {

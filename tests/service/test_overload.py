@@ -134,13 +134,13 @@ async def test_a_full_encode_queue_refuses_uploads_before_decoding_them(
     overload_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     decoded = []
-    prepare_upload = imaging.prepare_upload
+    decode = imaging._decoded
 
-    def counting(*args: object, **kwargs: object) -> object:
+    def counting(*args: object) -> object:
         decoded.append(1)
-        return prepare_upload(*args, **kwargs)  # type: ignore[arg-type]
+        return decode(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(imaging, "prepare_upload", counting)
+    monkeypatch.setattr(imaging, "_decoded", counting)
     upload = png(size=(32, 32))
     async with serve_with_hook(overload_settings, monkeypatch, slow_model) as client:
         responses = await asyncio.gather(
