@@ -4,7 +4,7 @@ Each mode does, for one batch, exactly the work the service does for it, with th
 loads it (`load_model`: its precision, and its CUDA graphs on a GPU):
 - `decode`: the decode batcher's call (`batcher.compute`): the model's decode, the output checks,
   `imaging.quantize` to uint8 pixels and the copy to the CPU;
-- `decode+png`: the same, then one `imaging.png_bytes` per image, one after another;
+- `decode+png`: the same, then the PNG of each image (`imaging.png_files`, as a batch's thread writes them);
 - `upload+encode`: `imaging.prepare_uploads` of the batch's uploaded PNGs, together as a batch's thread prepares them,
   then the model's encode (what /encode does).
 """
@@ -106,7 +106,7 @@ class Workload:
             return batcher.compute(artifact.directory.name, decoder, imaging.quantize, z)[0].numpy()
 
         def decode_png() -> list[bytes]:
-            return [imaging.png_bytes(tile, self.png_level) for tile in decode()]
+            return imaging.png_files(decode(), self.png_level)
 
         def upload_encode() -> tuple[torch.Tensor, ...]:
             arrays = imaging.prepare_uploads([self.upload] * batch, artifact.image_shape, max_pixels=_MAX_PIXELS, digit=digit)

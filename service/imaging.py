@@ -54,6 +54,7 @@ _PNG_COLOR_TYPE = {1: 0, 3: 2}  # channels -> PNG colour type: greyscale, RGB
 _PNG_FILTER_UP = 2
 _FAST_LEVEL = 1  # ISA-L's level for the service's PNGs, whole (png_bytes) or in parts (deflate_rows): see png_bytes
 _ZLIB_HEADER = b"\x78\x5e"  # deflate with a 32 KiB window, a fast level: as ISA-L writes it at _FAST_LEVEL
+_PNG_END = _png_chunk(b"IEND", b"")
 
 
 def png_bytes(image: np.ndarray, compress_level: int | None = None) -> bytes:
@@ -66,12 +67,26 @@ def png_bytes(image: np.ndarray, compress_level: int | None = None) -> bytes:
     zlib level 1 in run-length mode, which had beaten zlib's plain level 1 in time and size; a digit 11 -> 8 us).
     Where size matters more than time, pass a zlib `compress_level` (1-9) instead. Level 0 stores the rows as they are
     (`stored_zlib`): a faces image 27.8 KB instead of 14.8, written at memory speed."""
-    rows = png_rows(image)
+    return _png_file(image.shape, _zlib_stream(png_rows(image), compress_level))
+
+
+def png_files(images: np.ndarray, compress_level: int | None = None) -> list[bytes]:
+    """uint8 (N, H, W, C) -> one PNG each, as `png_bytes` writes it: the rows of all of them filtered in one set of numpy
+    calls, their header made once. 64 digits 15.7 -> 12.0 us each, 64 faces images 106 -> 101 (one thread)."""
+    _, height, width, channels = images.shape
+    head = _png_head(height, width, channels)
+    return [
+        b"".join((head, _png_chunk(b"IDAT", _zlib_stream(rows, compress_level)), _PNG_END)) for rows in png_rows(images)
+    ]
+
+
+def _zlib_stream(rows: np.ndarray, compress_level: int | None) -> bytes:
+    """An image's `png_rows` deflated at `png_bytes`' `compress_level`: the PNG's IDAT."""
     if compress_level is None:
-        return _png_file(image.shape, isal_zlib.compress(rows.data, _FAST_LEVEL))
+        return isal_zlib.compress(rows.data, _FAST_LEVEL)
     if compress_level == 0:
-        return _png_file(image.shape, stored_zlib(rows.data))
-    return _png_file(image.shape, zlib.compress(rows.data, compress_level))
+        return stored_zlib(rows.data)
+    return zlib.compress(rows.data, compress_level)
 
 
 def png_level(compression: str) -> int | None:
@@ -96,14 +111,15 @@ def stored_zlib(data: memoryview | bytes) -> bytes:
     return b"".join(parts)
 
 
-def png_rows(image: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, C) -> the PNG's scanlines, (H, 1 + W * C): each row's filter byte, then the row "Up"-filtered."""
-    height, width, channels = image.shape
-    rows = np.ascontiguousarray(image).reshape(height, width * channels)
-    scanlines = np.empty((height, 1 + width * channels), dtype=np.uint8)
-    scanlines[:, 0] = _PNG_FILTER_UP
-    scanlines[0, 1:] = rows[0]  # the row above the first is zeros
-    np.subtract(rows[1:], rows[:-1], out=scanlines[1:, 1:])  # modulo 256, as the filter is defined
+def png_rows(images: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, C) -> each image's PNG scanlines, (..., H, 1 + W * C): each row's filter byte, then the row
+    "Up"-filtered."""
+    *images_shape, height, width, channels = images.shape
+    rows = np.ascontiguousarray(images).reshape(*images_shape, height, width * channels)
+    scanlines = np.empty((*images_shape, height, 1 + width * channels), dtype=np.uint8)
+    scanlines[..., 0] = _PNG_FILTER_UP
+    scanlines[..., 0, 1:] = rows[..., 0, :]  # the row above the first is zeros
+    np.subtract(rows[..., 1:, :], rows[..., :-1, :], out=scanlines[..., 1:, 1:])  # modulo 256, as the filter is defined
     return scanlines
 
 
@@ -122,11 +138,13 @@ def png_from_parts(shape: tuple[int, ...], parts: list[bytes], adler: int) -> by
 
 
 def _png_file(shape: tuple[int, ...], idat: bytes) -> bytes:
-    height, width, channels = shape
+    return b"".join((_png_head(*shape), _png_chunk(b"IDAT", idat), _PNG_END))
+
+
+def _png_head(height: int, width: int, channels: int) -> bytes:
+    """A PNG's signature and header chunk: 8-bit pixels, no interlace."""
     header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOR_TYPE[channels], 0, 0, 0)
-    return b"".join((
-        b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", idat), _png_chunk(b"IEND", b""),
-    ))
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
 
 
 class ImageError(ValueError):

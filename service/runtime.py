@@ -461,12 +461,12 @@ def _inline_png(alone: bool, tiles: np.ndarray, pngs: int) -> bool:
 
 
 def _base64_pngs(tiles: np.ndarray, level: int | None) -> list[bytes]:
-    return [base64.b64encode(imaging.png_bytes(tile, level)) for tile in tiles]
+    return [base64.b64encode(png) for png in imaging.png_files(tiles, level)]
 
 
 def _pngs_of(outputs: tuple[Tensor, ...], level: int | None) -> list[bytes]:
     """A decoder's uint8 images (its one output) -> PNGs: what `decode_png` has a batch's thread do."""
-    return [imaging.png_bytes(tile, level) for tile in outputs[0].numpy()]
+    return imaging.png_files(outputs[0].numpy(), level)
 
 
 def _base64_pngs_of(outputs: tuple[Tensor, ...], level: int | None) -> list[bytes]:

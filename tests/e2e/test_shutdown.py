@@ -11,10 +11,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -29,6 +30,8 @@ from service.settings import Settings
 from tests.conftest import REPO, serve
 from tests.e2e.server import free_port
 from tests.service.tools import wrap_models
+
+_T = TypeVar("_T")
 
 # --- the real server ---------------------------------------------------------------------------------------------
 
@@ -189,14 +192,18 @@ async def test_draining_lets_every_admitted_request_finish(settings: Settings,
 
 async def test_draining_waits_for_requests_whose_pngs_are_still_queued(settings: Settings,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    png_bytes, started = imaging.png_bytes, threading.Event()
+    started = threading.Event()
 
-    def slow_png(*args: object, **kwargs: object) -> bytes:
-        started.set()
-        time.sleep(0.2)
-        return png_bytes(*args, **kwargs)  # type: ignore[arg-type]
+    def slow(encode: Callable[..., _T]) -> Callable[..., _T]:
+        def slow_png(*args: object, **kwargs: object) -> _T:
+            started.set()
+            time.sleep(0.2)
+            return encode(*args, **kwargs)
 
-    monkeypatch.setattr(imaging, "png_bytes", slow_png)
+        return slow_png
+
+    for name in ("png_bytes", "png_files"):  # one image's, or a batch's
+        monkeypatch.setattr(imaging, name, slow(getattr(imaging, name)))
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         await app.state.loading
@@ -204,8 +211,7 @@ async def test_draining_waits_for_requests_whose_pngs_are_still_queued(settings:
             # more requests than image threads: some PNGs wait in the pool's queue while the batchers are idle
             admitted = [asyncio.create_task(client.post("/sample", json={"model": "faces"}))
                         for _ in range(IMAGE_THREADS + 2)]
-            while not started.is_set():
-                await asyncio.sleep(0.01)
+            assert await asyncio.to_thread(started.wait, 10)
             await app.state.runtime.drain()
             assert [r.status_code for r in await asyncio.gather(*admitted)] == [200] * (IMAGE_THREADS + 2)
 

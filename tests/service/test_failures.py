@@ -8,6 +8,7 @@ import base64
 import logging
 import threading
 from collections.abc import AsyncIterator
+from typing import Never
 
 import httpx
 import pytest
@@ -131,7 +132,7 @@ async def test_out_of_memory_splits_the_batch_and_gives_the_same_images(
 async def test_an_internal_bug_is_a_500_that_points_to_the_log_without_details(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken_png(*_: object, **__: object) -> bytes:
+    def broken_png(*_: object, **__: object) -> Never:
         raise KeyError("secret internal state")
 
     app = create_app(settings)
@@ -139,7 +140,8 @@ async def test_an_internal_bug_is_a_500_that_points_to_the_log_without_details(
         await app.state.loading
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # answer as a real server would
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            monkeypatch.setattr(service.imaging, "png_bytes", broken_png)
+            monkeypatch.setattr(service.imaging, "png_bytes", broken_png)  # one image's PNG, or a batch's
+            monkeypatch.setattr(service.imaging, "png_files", broken_png)
             r = await client.post("/sample", json={"model": "faces"})
             assert assert_clean_error(r, 500) == "internal error; the server log has the details"
             assert "secret" not in r.text

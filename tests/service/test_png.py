@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.imaging import deflate_rows, png_bytes, png_from_parts, png_rows, stored_zlib
+from service.imaging import deflate_rows, png_bytes, png_files, png_from_parts, png_rows, stored_zlib
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (28, 28, 1), (7, 2, 1), (1, 1, 3), (3, 5, 3), (96, 96, 3)])
@@ -31,6 +31,14 @@ def test_any_memory_layout_and_compression_level_give_the_same_image() -> None:
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), flipped)
     smooth = np.tile(np.arange(64, dtype=np.uint8)[:, None, None], (1, 64, 3))
     assert len(png_bytes(smooth)) < smooth.size / 10  # the filter and the deflate do compress
+
+
+@pytest.mark.parametrize("shape", [(5, 28, 28, 1), (3, 96, 96, 3), (1, 1, 1, 3), (2, 7, 2, 1)])
+@pytest.mark.parametrize("level", [None, 0, 6])
+def test_a_batch_s_pngs_are_each_the_png_of_its_image(shape: tuple[int, int, int, int], level: int | None) -> None:
+    images = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    assert png_files(images, level) == [png_bytes(image, level) for image in images]
+    assert png_files(images[::-1], level) == [png_bytes(image, level) for image in images[::-1]]  # a strided view
 
 
 def _idat(png: bytes) -> bytes:
