@@ -12,6 +12,7 @@ Starlette's parser gives for the same body (tests/service/test_multipart_form.py
 from __future__ import annotations
 
 import codecs
+import re
 
 from python_multipart.multipart import parse_options_header
 
@@ -24,6 +25,9 @@ MAX_HEADERS = 8  # per part, python-multipart's limit
 MAX_HEADER_LINE_BYTES = 4096  # python-multipart refuses a line over 4,224
 MAX_FIELD_BYTES = 1024 * 1024  # Starlette's max_part_size: a longer text field is its 400
 TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # RFC 9110 header names
+# The Content-Disposition that clients write, read without python-multipart's general parse (4 us a part, most of a
+# part's time here): nothing quoted to unescape, no other parameter. Its name's bytes are the ones that parse gives.
+PLAIN_DISPOSITION = re.compile(rb'form-data; name="([^"\\]*)"(; filename="[^"\\]*")?')
 
 
 def parse(body: bytes, content_type: str, *, max_files: int, max_fields: int) -> list[Item] | None:
@@ -82,13 +86,16 @@ def _part(part: bytes) -> Item | None:
             disposition = value.lstrip(b" ")  # python-multipart skips the spaces before a value, and only those
     if disposition is None:
         return None
-    _, options = parse_options_header(disposition)
-    raw_name = options.get(b"name")
+    if plain := PLAIN_DISPOSITION.fullmatch(disposition):
+        raw_name, is_file = plain[1], plain[2] is not None
+    else:
+        _, options = parse_options_header(disposition)
+        raw_name, is_file = options.get(b"name"), b"filename" in options
     if raw_name is None:
         return None
     try:
         name = raw_name.decode()
-        if b"filename" in options:
+        if is_file:
             return name, data
         return (name, data.decode()) if len(data) <= MAX_FIELD_BYTES else None
     except UnicodeDecodeError:  # Starlette falls back to latin-1: let it

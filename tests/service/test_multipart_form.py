@@ -8,6 +8,7 @@ import random
 
 import httpx
 import pytest
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -89,6 +90,17 @@ def test_a_plain_form_is_split_as_starlette_parses_it(form: tuple[bytes, str]) -
     items = parse(body, content_type)
     assert items is not None
     assert items == starlette(body, content_type)
+
+
+@pytest.mark.parametrize("disposition", [
+    b'form-data; name="image"; filename="0.png"', b'form-data; name="model"', b'form-data; name=""; filename=""',
+    b'form-data; name="a;b"; filename="x; y=1.png"', 'form-data; name="modèle ☃"; filename="é.png"'.encode(),
+])
+def test_a_plain_content_disposition_is_read_as_python_multipart_reads_it(disposition: bytes) -> None:
+    plain = multipart_form.PLAIN_DISPOSITION.fullmatch(disposition)
+    _, options = parse_options_header(disposition)
+    assert plain is not None
+    assert (plain[1], plain[2] is not None) == (options.get(b"name"), b"filename" in options)
 
 
 LEFT_TO_STARLETTE = {
