@@ -323,11 +323,16 @@ class Runtime:
         prepare_many = functools.partial(
             imaging.prepare_uploads, shape=shape, max_pixels=max_pixels, invert=invert, digit=digit
         )
+
+        def small_image(upload: bytes | Image.Image) -> tuple[bytes | Image.Image, bool]:
+            """The upload, its header read where its file is small (SMALL_UPLOAD_BYTES), and whether it is a small image
+            (SMALL_UPLOAD_PIXELS by that header)."""
+            if isinstance(upload, bytes) and len(upload) <= SMALL_UPLOAD_BYTES:
+                upload = imaging.open_upload(upload, max_pixels)
+            return upload, isinstance(upload, Image.Image) and upload.width * upload.height <= SMALL_UPLOAD_PIXELS
+
         uploads: list[bytes | Image.Image] = list(files)
-        small = False
-        if len(files[0]) <= SMALL_UPLOAD_BYTES:
-            uploads[0] = first = imaging.open_upload(files[0], max_pixels)  # opened here: its header is not read twice
-            small = first.width * first.height <= SMALL_UPLOAD_PIXELS
+        uploads[0], small = small_image(files[0])  # opened here, where small: its header is not read twice
         if len(uploads) == 1:  # one hand-off, or none
             array = prepare(uploads[0]) if small else await loop.run_in_executor(self.image_threads, prepare, uploads[0])
             return torch.from_numpy(array)[None]
@@ -343,9 +348,8 @@ class Runtime:
                     index, upload = waiting.popleft()
                 except IndexError:  # the other turns took the last
                     break
-                if isinstance(upload, bytes) and len(upload) <= SMALL_UPLOAD_BYTES:
-                    upload = imaging.open_upload(upload, max_pixels)
-                if not isinstance(upload, Image.Image) or upload.width * upload.height > SMALL_UPLOAD_PIXELS:
+                upload, small_one = small_image(upload)
+                if not small_one:
                     if not chunk:
                         return [(index, upload)]
                     waiting.appendleft((index, upload))  # the next chunk's, or another turn's
