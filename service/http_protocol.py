@@ -300,9 +300,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._release()
         super().shutdown()
 
-    def _release(self) -> None:
-        """Hand a held request to uvicorn after all, as if it had never been held: its ASGI task has not run yet."""
-        body = b"".join(self._held or ())
+    def _release(self, body: bytes | None = None) -> None:
+        """Hand a held request to uvicorn after all, as if it had never been held: its ASGI task has not run yet.
+        `body`: what is held, where the caller has already joined it."""
+        if body is None:
+            body = b"".join(self._held or ())
         self._held = None
         self._to_uvicorn()
         if body:
@@ -316,7 +318,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         body = b"".join(self._held)
         parsed = self.direct.parse(self.url, body) if self.direct is not None else None
         if parsed is None:
-            self._release()
+            self._release(body)
             super().on_message_complete()
             return
         self._held = None

@@ -25,7 +25,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -286,20 +286,23 @@ class Runtime:
         upload goes to the image threads, so that no batch waits on its decode."""
         channels, height, width = model.image_shape
         most = UPLOAD_ON_BATCH_PIXELS * height * width
+        uploads: list[bytes | Image.Image] = list(files)
         # Its header is read here, on the event loop: only in a file no larger than those pixels' own bytes, so that no
         # file makes the loop read long (a PNG's chunks, a JPEG's markers, all before the pixels).
         if self.images_on_batch_thread and len(files) == 1 and len(files[0]) <= most * channels:
-            image = imaging.open_upload(files[0], self.settings.max_image_pixels)
+            image = uploads[0] = imaging.open_upload(files[0], self.settings.max_image_pixels)  # not read again below
             if image.width * image.height <= most:
                 upload = Upload(image, model.image_shape, invert, _digit(model), self.settings.max_image_pixels)
                 return await self.encode(model.name, upload)
-        with self.encoders[model.name].reserve(len(files)):
-            x = await self.prepare_uploads(model, files, invert)
+        with self.encoders[model.name].reserve(len(uploads)):
+            x = await self.prepare_uploads(model, uploads, invert)
         return await self.encode(model.name, x)
 
-    async def prepare_uploads(self, model: ServedModel, files: list[bytes], invert: bool | None) -> Tensor:
-        """Decode and convert uploads on the image threads; (N, C, H, W) float in [0, 1]. (`encode_uploads` may have
-        the batch's thread do it instead.)
+    async def prepare_uploads(
+        self, model: ServedModel, files: Sequence[bytes | Image.Image], invert: bool | None
+    ) -> Tensor:
+        """Decode and convert uploads (their bytes, or what `imaging.open_upload` read of them) on the image threads;
+        (N, C, H, W) float in [0, 1]. (`encode_uploads` may have the batch's thread do it instead.)
 
         A request's one small upload (SMALL_UPLOAD_BYTES, SMALL_UPLOAD_PIXELS by its header) is prepared on the event
         loop instead: a digit takes it 0.1-0.2 ms, less than handing it to a thread and back, a loop pass each way. mnist

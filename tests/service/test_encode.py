@@ -366,6 +366,31 @@ async def test_a_request_s_one_upload_is_prepared_where_it_costs_least_and_large
     assert np.allclose(both, np.array(answers["a digit"] * 2), atol=1e-5)
 
 
+@pytest.mark.parametrize("on_batch_thread", [False, True])
+async def test_a_request_s_one_upload_has_its_header_read_once_wherever_it_is_prepared(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, on_batch_thread: bool
+) -> None:
+    """The header the event loop read to choose where an upload goes is the one its decode starts from."""
+    real, reads = service.imaging.open_upload, []
+
+    def counting(data: bytes, max_pixels: int) -> Image.Image:
+        reads.append(len(data))
+        return real(data, max_pixels)
+
+    monkeypatch.setattr(service.imaging, "open_upload", counting)
+    images_on_batch_thread(monkeypatch, on_batch_thread)
+    uploads = {
+        "a digit": png(size=(28, 28)),
+        "a larger image": png(size=(80, 80)),
+        "a small file of many pixels": png(np.zeros((2000, 2000), np.uint8)),
+    }
+    for name, upload in uploads.items():
+        reads.clear()
+        r = await client.post("/encode", data={"model": "mnist"}, files={"image": ("x.png", upload, "image/png")})
+        assert r.status_code == 200, name
+        assert reads == [len(upload)], name
+
+
 @pytest.mark.parametrize("model, size", [("mnist", (28, 28)), ("faces", (96, 96)), ("faces", (150, 120))])
 async def test_an_upload_encodes_to_the_same_numbers_whichever_thread_prepares_it(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, model: str, size: tuple[int, int]
