@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(True, description="on CUDA, replay batches from graphs captured at sizes 1, 2, 4, ...")
     png_compression: Literal["fast", "none"] = Field(
         "fast", description="the PNGs' deflate: fast (ISA-L's fastest level) or none (stored as they are: a faces image "
-        "27.8 KB instead of 14.8, for more images a second where bandwidth is cheaper than CPU)",
+        "27.8 KB instead of about 15, for more images a second where bandwidth is cheaper than CPU)",
     )
 
     max_batch_size: int = Field(64, ge=1, description="most images in one encoder/decoder call")
