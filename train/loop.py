@@ -23,6 +23,7 @@ from train.vae import VAE, vae_loss
 
 CHECKPOINT = "checkpoint.pt"
 LR_FLOOR = 0.01  # the cosine schedule ends at this share of the initial learning rate
+BATCHNORM_IMAGES = 10_000  # training images whose statistics the exported model's BatchNorm layers keep
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -56,9 +57,14 @@ def load_data(config: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
     return datasets.split_holdout(everything, config.val_share, config.seed)
 
 
-def _batches(images: Tensor, batch_size: int, device: torch.device, shuffle: bool) -> list[Tensor]:
+def _batches(images: Tensor, batch_size: int, shuffle: bool, whole_only: bool = False) -> list[Tensor]:
+    """`images` in batches; `whole_only` drops a short last batch (an epoch's leftover after the shuffle),
+    which would otherwise take a full optimiser step, and set BatchNorm's statistics, on a handful of images."""
     order = torch.randperm(len(images)) if shuffle else torch.arange(len(images))
-    return [images[idx] for idx in order.split(batch_size)]
+    parts = list(order.split(batch_size))
+    if whole_only and len(parts) > 1 and len(parts[-1]) < batch_size:
+        parts.pop()
+    return [images[idx] for idx in parts]
 
 
 def _to_input(batch: Tensor, device: torch.device, hflip: bool) -> Tensor:
@@ -76,7 +82,8 @@ def train_epoch(
     device = next(model.parameters()).device
     totals = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0}
     seen = 0
-    bar = tqdm(_batches(images, config.batch_size, device, shuffle=True), desc=desc, unit="batch", leave=False)
+    batches = _batches(images, config.batch_size, shuffle=True, whole_only=True)
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False)
     for batch in bar:
         x = _to_input(batch, device, hflip=config.hflip and config.model == "faces")
         recon, mu, log_var = model(x)
@@ -101,7 +108,7 @@ def evaluate(model: VAE, images: Tensor, config: TrainConfig) -> dict[str, float
     model.eval()
     device = next(model.parameters()).device
     rec = kl = sq = 0.0
-    for batch in _batches(images, 512, device, shuffle=False):
+    for batch in _batches(images, 512, shuffle=False):
         x = _to_input(batch, device, hflip=False)
         recon, mu, log_var = model(x)
         terms = vae_loss(recon, x, mu, log_var, kind=config.loss)
@@ -109,6 +116,30 @@ def evaluate(model: VAE, images: Tensor, config: TrainConfig) -> dict[str, float
         sq += float((model.decode(mu) - x).pow(2).sum())  # deterministic reconstruction from the mean
     n, pixels = len(images), images[0].numel()
     return {"reconstruction": rec / n, "kl": kl / n, "neg_elbo": (rec + kl) / n, "mse_per_pixel": sq / (n * pixels)}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: VAE, images: Tensor, config: TrainConfig) -> bool:
+    """Give every BatchNorm layer the plain average of the training images' batch statistics (up to
+    BATCHNORM_IMAGES of them, with the model's weights as they end), in place of the running averages
+    that training leaves, which lean on its last few batches: on the shipped faces model, validation
+    negative ELBO 458 -> 435. False, and nothing done, when the model has no BatchNorm."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return False
+    device = next(model.parameters()).device
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average: every batch counts the same
+    model.train()
+    sample = images[torch.randperm(len(images))[:BATCHNORM_IMAGES]]
+    for batch in _batches(sample, config.batch_size, shuffle=False, whole_only=True):
+        model(_to_input(batch, device, hflip=config.hflip and config.model == "faces"))
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    model.eval()
+    return True
 
 
 @torch.no_grad()
@@ -177,12 +208,15 @@ def train(config: TrainConfig) -> Path:
             checkpoint_path,
         )
 
-    (config.out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
-    write_report(model, val_set.images[:2000], val_set.labels[:2000] if val_set.labels is not None else None, history, config.out)
-
     final = {k.removeprefix("val_"): v for k, v in history[-1].items() if k.startswith("val_")} if history else (
         evaluate(model, val_set.images, config)
     )
+    if recalibrate_batchnorm(model, train_set.images, config):
+        before, final = final["neg_elbo"], evaluate(model, val_set.images, config)
+        print(f"BatchNorm statistics recomputed over the training images: val -elbo {before:.2f} -> {final['neg_elbo']:.2f}")
+
+    (config.out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    write_report(model, val_set.images[:2000], val_set.labels[:2000] if val_set.labels is not None else None, history, config.out)
     metrics: dict[str, float] = {
         "validation_reconstruction_per_image": round(final["reconstruction"], 4),
         "validation_kl_per_image": round(final["kl"], 4),
