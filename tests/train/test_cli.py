@@ -15,6 +15,7 @@ from service.repository import load_model
 from tests.conftest import decode_png
 from tests.train.conftest import faces_zip, write_mnist
 from train.__main__ import main, parse_args
+from train.evaluate import main as evaluate_main
 from train.loop import LR_FLOOR, learning_rate
 
 PICTURES = ["interpolation.png", "latent_map.png", "loss_curves.png", "reconstructions.png", "samples.png"]
@@ -195,3 +196,43 @@ def test_the_cosine_schedule_anneals_from_lr_to_one_percent_of_it_and_constant_s
 
 def test_each_epoch_records_its_learning_rate(mnist_run: Run) -> None:
     assert [row["lr"] for row in _history(mnist_run.out)] == [1e-3]
+
+
+# ---- python -m train.evaluate ----------------------------------------------------------------------
+
+
+def _evaluated(capsys: pytest.CaptureFixture[str], argv: list[str]) -> list[list[str]]:
+    assert evaluate_main(argv) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["artifact", "-ELBO/image", "reconstruction", "KL", "MSE/pixel"]
+    return [row.split() for row in rows]
+
+
+def test_evaluate_measures_artifacts_on_the_images_their_training_held_out(
+    faces_run: Run, capsys: pytest.CaptureFixture[str]
+) -> None:
+    artifact = faces_run.out / "artifact"
+    rows = _evaluated(capsys, [str(artifact), str(artifact), "--data", str(faces_run.data), "--limit", "64"])
+    assert rows[0] == rows[1]  # the same noise for every artifact named
+    name, neg_elbo, reconstruction, kl, mse = rows[0]
+    assert name == str(artifact) and float(neg_elbo) == pytest.approx(float(reconstruction) + float(kl), abs=0.02)
+    # The mean's reconstruction draws no noise: the training run measured the same on the same 3 held-out faces.
+    manifest = read_artifact(artifact).manifest
+    assert float(mse) == pytest.approx(manifest["metrics"]["validation_mse_per_pixel"], abs=2e-6)
+
+
+def test_evaluate_reads_mnist_s_test_set_for_an_mnist_artifact(mnist_run: Run, capsys: pytest.CaptureFixture[str]) -> None:
+    (row,) = _evaluated(capsys, [str(mnist_run.out / "artifact"), "--data", str(mnist_run.data), "--limit", "64"])
+    manifest = read_artifact(mnist_run.out / "artifact").manifest
+    assert float(row[4]) == pytest.approx(manifest["metrics"]["validation_mse_per_pixel"], abs=2e-6)
+
+
+def test_evaluate_names_what_is_wrong_and_exits_2(
+    mnist_run: Run, faces_run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert evaluate_main([str(tmp_path), "--data", str(faces_run.data)]) == 2
+    assert f"error: {tmp_path}: no manifest.json in {tmp_path}" in capsys.readouterr().err
+    assert evaluate_main([str(faces_run.out / "artifact"), "--data", str(tmp_path / "nowhere.zip")]) == 2
+    assert "nowhere.zip does not exist" in capsys.readouterr().err
+    assert evaluate_main([str(mnist_run.out / "artifact"), "--data", str(faces_run.data)]) == 2
+    assert "error:" in capsys.readouterr().err
