@@ -19,18 +19,19 @@ from torch import Tensor
 from service.artifact import Artifact, ArtifactError, read_artifact
 from service.repository import pick_device
 from train import data as datasets
+from train.config import TrainConfig
+from train.loop import load_data
 from train.vae import vae_loss
 
 MNIST_ARCHITECTURE = "mnist_fc_vae"
 
 
 def held_out_images(artifact: Artifact, data: Path, *, val_share: float, seed: int, limit: int | None) -> Tensor:
-    """The uint8 images that `artifact`'s training validated on, read from `data` the way training read them."""
-    if artifact.manifest.get("architecture") == MNIST_ARCHITECTURE:
-        test = datasets.load_mnist(data, "test")
-        return (test.head(limit) if limit else test).images
-    everything = datasets.load_images(data, artifact.image_shape[1], limit=limit)
-    return datasets.split_holdout(everything, val_share, seed)[1].images
+    """The uint8 images that `artifact`'s training validated on, read from `data` by training's own `load_data`."""
+    model = "mnist" if artifact.manifest.get("architecture") == MNIST_ARCHITECTURE else "faces"
+    config = TrainConfig(model=model, data=data, out=Path(), image_size=artifact.image_shape[1], val_share=val_share,
+                         seed=seed, limit=limit)
+    return load_data(config)[1].images
 
 
 @torch.inference_mode()

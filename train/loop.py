@@ -57,14 +57,19 @@ def load_data(config: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
     return datasets.split_holdout(everything, config.val_share, config.seed)
 
 
-def _batches(images: Tensor, batch_size: int, shuffle: bool, whole_only: bool = False) -> list[Tensor]:
-    """`images` in batches; `whole_only` drops a short last batch (an epoch's leftover after the shuffle),
-    which would otherwise take a full optimiser step, and set BatchNorm's statistics, on a handful of images."""
-    order = torch.randperm(len(images)) if shuffle else torch.arange(len(images))
+def _batches(order: Tensor, batch_size: int, whole_only: bool = False) -> list[Tensor]:
+    """The indices in `order`, in batches (indices, so that only the batch at hand is copied out of the images);
+    `whole_only` drops a short last batch (an epoch's leftover after the shuffle), which would otherwise take a full
+    optimiser step, and set BatchNorm's statistics, on a handful of images."""
     parts = list(order.split(batch_size))
     if whole_only and len(parts) > 1 and len(parts[-1]) < batch_size:
         parts.pop()
-    return [images[idx] for idx in parts]
+    return parts
+
+
+def _flips(config: TrainConfig) -> bool:
+    """Whether training inputs are flipped at random: faces only, unless --no-hflip."""
+    return config.hflip and config.model == "faces"
 
 
 def _to_input(batch: Tensor, device: torch.device, hflip: bool) -> Tensor:
@@ -82,10 +87,10 @@ def train_epoch(
     device = next(model.parameters()).device
     totals = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0}
     seen = 0
-    batches = _batches(images, config.batch_size, shuffle=True, whole_only=True)
+    batches = _batches(torch.randperm(len(images)), config.batch_size, whole_only=True)
     bar = tqdm(batches, desc=desc, unit="batch", leave=False)
-    for batch in bar:
-        x = _to_input(batch, device, hflip=config.hflip and config.model == "faces")
+    for idx in bar:
+        x = _to_input(images[idx], device, hflip=_flips(config))
         recon, mu, log_var = model(x)
         terms = vae_loss(recon, x, mu, log_var, kind=config.loss, beta=beta)
         optimizer.zero_grad(set_to_none=True)
@@ -108,7 +113,7 @@ def evaluate(model: VAE, images: Tensor, config: TrainConfig) -> dict[str, float
     model.eval()
     device = next(model.parameters()).device
     rec = kl = sq = 0.0
-    for batch in _batches(images, 512, shuffle=False):
+    for batch in images.split(512):
         x = _to_input(batch, device, hflip=False)
         recon, mu, log_var = model(x)
         terms = vae_loss(recon, x, mu, log_var, kind=config.loss)
@@ -134,9 +139,8 @@ def recalibrate_batchnorm(model: VAE, images: Tensor, config: TrainConfig) -> bo
         layer.reset_running_stats()
         layer.momentum = None  # a cumulative average: every batch counts the same
     model.train()
-    sample = images[torch.randperm(len(images))[:BATCHNORM_IMAGES]]
-    for batch in _batches(sample, config.batch_size, shuffle=False, whole_only=True):
-        model(_to_input(batch, device, hflip=config.hflip and config.model == "faces"))
+    for idx in _batches(torch.randperm(len(images))[:BATCHNORM_IMAGES], config.batch_size, whole_only=True):
+        model(_to_input(images[idx], device, hflip=_flips(config)))
     for layer, momentum in zip(layers, momenta, strict=True):
         layer.momentum = momentum
     model.eval()
