@@ -133,49 +133,60 @@ def center_crop_resize(image: Image.Image, size: int, channels: int = 3) -> np.n
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
-def _iter_images(path: Path) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) for every image in a folder (recursively) or a zip, in sorted order."""
+def _image_names(path: Path) -> list[str]:
+    """Every image in a folder (recursively, as paths relative to it) or a zip, in sorted order."""
     if path.is_dir():
-        for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-            yield str(file.relative_to(path)), file.read_bytes()
-    elif zipfile.is_zipfile(path):
+        return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
-            names = sorted(
+            return sorted(
                 n for n in archive.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX")
             )
-            for name in names:
-                yield name, archive.read(name)
-    else:
-        raise DataError(f"{path} is neither a folder nor a zip of images")
+    raise DataError(f"{path} is neither a folder nor a zip of images")
+
+
+def _image_bytes(path: Path, names: list[str]) -> Iterator[bytes]:
+    """The bytes of each of `names` (from `_image_names(path)`), in order."""
+    if path.is_dir():
+        for name in names:
+            yield (path / name).read_bytes()
+        return
+    with zipfile.ZipFile(path) as archive:
+        for name in names:
+            yield archive.read(name)
 
 
 def load_images(path: Path, size: int, *, limit: int | None = None, progress: bool = False) -> Dataset:
-    """Decode every image under `path` once, center-cropped and resized to size x size RGB."""
+    """Decode every image under `path` once, center-cropped and resized to size x size RGB, each straight into its
+    row of one array: the decoded set is held once, not also as a list of images to stack (FFHQ's 70,000 thumbnails
+    at 128x128 are 3.4 GB)."""
     if not path.exists():
         raise DataError(f"{path} does not exist")
-    arrays: list[np.ndarray] = []
-    skipped = 0
-    items = _iter_images(path)
+    names = _image_names(path)
+    images = np.empty((len(names) if limit is None else min(len(names), limit), 3, size, size), dtype=np.uint8)
+    count = skipped = 0
+    items = _image_bytes(path, names)
     if progress:
         from tqdm import tqdm
 
-        items = tqdm(items, desc=f"decoding {path.name}", unit="img", leave=False)
-    for _, data in items:
+        items = tqdm(items, desc=f"decoding {path.name}", unit="img", total=len(names), leave=False)
+    for data in items:
+        if count == len(images):  # --limit reached
+            break
         try:
             with Image.open(io.BytesIO(data)) as image:
-                arrays.append(center_crop_resize(image, size))
+                images[count] = center_crop_resize(image, size)
+            count += 1
         except (OSError, ValueError, Image.DecompressionBombError):
             skipped += 1
-        if limit is not None and len(arrays) >= limit:
-            break
-    if not arrays:
+    if count == 0:
         raise DataError(f"no readable images in {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return Dataset(
-        images=torch.from_numpy(np.stack(arrays)),  # (N, 3, size, size) uint8
+        images=torch.from_numpy(images[:count]),  # (N, 3, size, size) uint8
         labels=None,
         source={
             "name": path.name,
-            "images": len(arrays),
+            "images": count,
             "skipped_unreadable": skipped,
             "files": {path.name: sha256_file(path)} if path.is_file() else {},
         },
@@ -183,12 +194,36 @@ def load_images(path: Path, size: int, *, limit: int | None = None, progress: bo
 
 
 def split_holdout(data: Dataset, share: float, seed: int) -> tuple[Dataset, Dataset]:
-    """A fixed, seeded (train, validation) split."""
+    """A fixed, seeded (train, validation) split: validation the images `randperm(n, seed)` puts first, training
+    the rest, in that order. `data`'s own rows are put in that order (`_reorder`) and the two splits are views of
+    them: splitting copies no image, so the set is never held twice."""
     n = len(data.images)
     n_val = max(1, round(n * share)) if n > 1 else 0
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val, train = order[:n_val], order[n_val:]
+    for rows in (data.images, data.labels):
+        if rows is not None:
+            _reorder(rows, order)
+    images, labels = data.images, data.labels
     return (
-        Dataset(data.images[train], None if data.labels is None else data.labels[train], {**data.source, "split": "train"}),
-        Dataset(data.images[val], None if data.labels is None else data.labels[val], {**data.source, "split": "validation"}),
+        Dataset(images[n_val:], None if labels is None else labels[n_val:], {**data.source, "split": "train"}),
+        Dataset(images[:n_val], None if labels is None else labels[:n_val], {**data.source, "split": "validation"}),
     )
+
+
+def _reorder(rows: torch.Tensor, order: torch.Tensor) -> None:
+    """`rows[i] = rows[order[i]]` for every i at once (`order` a permutation), with one row's copy aside: each cycle of
+    the permutation is followed from a row set aside to the row that takes it (about a second for 70,000 rows
+    of 128x128)."""
+    source = order.tolist()
+    done = [False] * len(source)
+    for start in range(len(source)):
+        if done[start] or source[start] == start:
+            continue
+        first = rows[start].clone()
+        at = start
+        while source[at] != start:
+            rows[at] = rows[source[at]]
+            done[at] = True
+            at = source[at]
+        rows[at] = first
+        done[at] = True

@@ -174,6 +174,23 @@ def test_non_positive_sizes_are_usage_errors(capsys: pytest.CaptureFixture[str])
     assert "--epochs, --batch-size, --latent-dim and --hidden-dim must be positive" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["mnist", "--data", "mnist", "--limit", "0"], "--limit must be positive (leave it out to use every image)"),
+        (["faces", "--data", "faces.zip", "--val-share", "1"], "--val-share must be between 0 and 1, e.g. 0.05"),
+        (["faces", "--data", "faces.zip", "--val-share", "0"], "--val-share must be between 0 and 1, e.g. 0.05"),
+    ],
+)
+def test_a_limit_of_no_images_or_a_holdout_of_none_or_all_is_a_usage_error(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_defaults_per_model_and_the_run_folder_by_name() -> None:
     mnist = parse_args(["mnist", "--data", "d"])
     assert (mnist.epochs, mnist.batch_size, mnist.latent_dim, mnist.hidden_dim, mnist.loss) == (30, 128, 2, 512, "bce")

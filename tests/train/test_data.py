@@ -251,6 +251,17 @@ def test_the_holdout_is_disjoint_covers_everything_and_has_the_share() -> None:
     assert train.source == {"name": "numbered", "split": "train"} and val.source["split"] == "validation"
 
 
+def test_the_holdout_is_the_seeded_permutation_s_first_share_and_copies_no_image() -> None:
+    data = _numbered(100)
+    storage = data.images.untyped_storage().data_ptr()
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(3)).tolist()
+    train, val = split_holdout(data, 0.1, seed=3)
+    assert _ids(val) == order[:10] and _ids(train) == order[10:]  # the split every shipped model was trained on
+    assert val.labels is not None and val.labels.tolist() == order[:10]
+    for split in (train, val):  # views of the loaded rows, put in that order where they were
+        assert split.images.untyped_storage().data_ptr() == storage and split.images.is_contiguous()
+
+
 def test_the_holdout_is_fixed_by_the_seed() -> None:
     first, again, other = (split_holdout(_numbered(100), 0.1, seed=s)[1] for s in (0, 0, 1))
     assert _ids(first) == _ids(again)
