@@ -136,7 +136,8 @@ def center_crop_resize(image: Image.Image, size: int, channels: int = 3) -> np.n
 def _image_names(path: Path) -> list[str]:
     """Every image in a folder (recursively, as paths relative to it) or a zip, in sorted order."""
     if path.is_dir():
-        return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())  # as paths: the order splits have always used
+        return [str(file.relative_to(path)) for file in files]
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             return sorted(
