@@ -173,6 +173,18 @@ def test_grayscale_becomes_three_equal_channels_and_alpha_is_dropped(tmp_path: P
     assert rgba[:, 0, 0].tolist() == [10, 20, 30] and (rgba == rgba[:, :1, :1]).all()
 
 
+def test_a_folder_s_images_come_in_path_order_which_fixes_the_seeded_holdout(tmp_path: Path) -> None:
+    def solid(value: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("L", (8, 8), value).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "b.png").write_bytes(solid(1))
+    (tmp_path / "a-c.png").write_bytes(solid(2))  # "a-c.png" < "a/b.png" as strings; as paths "a" comes first
+    assert load_images(tmp_path, 8).images[:, 0, 0, 0].tolist() == [1, 2]
+
+
 def test_unreadable_files_are_skipped_and_counted(tmp_path: Path) -> None:
     (tmp_path / "good.png").write_bytes(image_bytes())
     (tmp_path / "garbage.jpg").write_bytes(b"this is not a JPEG")
