@@ -51,7 +51,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
         parser.error("--epochs, --batch-size, --latent-dim and --hidden-dim must be positive")
     if args["limit"] is not None and args["limit"] < 1:
         parser.error("--limit must be positive (leave it out to use every image)")
-    if not 0 < args.get("val_share", 0.05) < 1:
+    if "val_share" in args and not 0 < args["val_share"] < 1:  # faces only
         parser.error("--val-share must be between 0 and 1, e.g. 0.05")
     args["out"] = args["out"] or Path("runs") / args["name"]
     args["command"] = shlex.join(["python", "-m", "train", *argv])

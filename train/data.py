@@ -136,7 +136,8 @@ def center_crop_resize(image: Image.Image, size: int, channels: int = 3) -> np.n
 def _image_names(path: Path) -> list[str]:
     """Every image in a folder (recursively, as paths relative to it) or a zip, in sorted order."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())  # as paths: the order splits have always used
+        # sorted as paths (by their parts), not as strings: the order seeded holdouts have always been drawn over
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         return [str(file.relative_to(path)) for file in files]
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
@@ -172,14 +173,14 @@ def load_images(path: Path, size: int, *, limit: int | None = None, progress: bo
 
         items = tqdm(items, desc=f"decoding {path.name}", unit="img", total=len(names), leave=False)
     for data in items:
-        if count == len(images):  # --limit reached
-            break
         try:
             with Image.open(io.BytesIO(data)) as image:
                 images[count] = center_crop_resize(image, size)
             count += 1
         except (OSError, ValueError, Image.DecompressionBombError):
             skipped += 1
+        if count == len(images):  # every row filled: --limit reached, or no image left to read
+            break
     if count == 0:
         raise DataError(f"no readable images in {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return Dataset(
