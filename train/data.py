@@ -5,18 +5,24 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import shutil
 import struct
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from service.artifact import sha256_file
 
@@ -29,6 +35,7 @@ MNIST_FILES = {
     "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
 }
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+CHUNK = 16  # images a decoding thread takes at a time: one at a time, handing them over took longer than decoding
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
@@ -133,54 +140,83 @@ def center_crop_resize(image: Image.Image, size: int, channels: int = 3) -> np.n
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
-def _image_names(path: Path) -> list[str]:
-    """Every image in a folder (recursively, as paths relative to it) or a zip, in sorted order."""
+@contextmanager
+def _image_files(path: Path) -> Iterator[tuple[list[str], Callable[[str], bytes]]]:
+    """(every image in a folder, recursively, as paths relative to it, or in a zip, in sorted order; a function that
+    reads one of them), with the zip open meanwhile."""
     if path.is_dir():
         # sorted as paths (by their parts), not as strings: the order seeded holdouts have always been drawn over
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        return [str(file.relative_to(path)) for file in files]
-    if zipfile.is_zipfile(path):
+        yield [str(file.relative_to(path)) for file in files], lambda name: (path / name).read_bytes()
+    elif zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
-            return sorted(
-                n for n in archive.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX")
-            )
-    raise DataError(f"{path} is neither a folder nor a zip of images")
+            names = archive.namelist()
+            yield sorted(n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX")), archive.read
+    else:
+        raise DataError(f"{path} is neither a folder nor a zip of images")
 
 
-def _image_bytes(path: Path, names: list[str]) -> Iterator[bytes]:
-    """The bytes of each of `names` (from `_image_names(path)`), in order."""
-    if path.is_dir():
-        for name in names:
-            yield (path / name).read_bytes()
-        return
-    with zipfile.ZipFile(path) as archive:
-        for name in names:
-            yield archive.read(name)
+def _decoded(data: bytes, size: int) -> np.ndarray | None:
+    """One image's bytes as a training row (`center_crop_resize`), or None where they are not a readable image."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return center_crop_resize(image, size)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
-def load_images(path: Path, size: int, *, limit: int | None = None, progress: bool = False) -> Dataset:
+def _decoded_chunk(chunk: list[bytes], size: int) -> list[np.ndarray | None]:
+    return [_decoded(data, size) for data in chunk]
+
+
+def decode_threads() -> int:
+    """Threads that decode training images: one a core this process may use, up to 16. Pillow lets go of the GIL
+    while it decodes and resizes, so they run in parallel."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(16, cores)
+
+
+def _decoded_in_order(files: Iterable[bytes], size: int, threads: int) -> Generator[np.ndarray | None, None, None]:
+    """`_decoded` of each of `files`, in their order, decoded on `threads` in parts of CHUNK, a bounded few parts
+    ahead (memory) of the one taken: read on the caller's thread, in order."""
+    with ThreadPoolExecutor(threads, "decode") as pool:
+        pending: deque[Future[list[np.ndarray | None]]] = deque()
+        try:
+            remaining = iter(files)
+            for chunk in iter(lambda: list(islice(remaining, CHUNK)), []):
+                pending.append(pool.submit(_decoded_chunk, chunk, size))
+                if len(pending) > 2 * threads:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        finally:  # the caller has what it needs (or failed): what has not begun is not decoded
+            for future in pending:
+                future.cancel()
+
+
+def load_images(
+    path: Path, size: int, *, limit: int | None = None, progress: bool = False, threads: int | None = None
+) -> Dataset:
     """Decode every image under `path` once, center-cropped and resized to size x size RGB, each straight into its
     row of one array: the decoded set is held once, not also as a list of images to stack (FFHQ's 70,000 thumbnails
-    at 128x128 are 3.4 GB)."""
+    at 128x128 are 3.4 GB). Decoded on `threads` (`decode_threads()`), taken in the files' order: the rows, and the
+    files skipped as unreadable, are those of one thread."""
     if not path.exists():
         raise DataError(f"{path} does not exist")
-    names = _image_names(path)
-    images = np.empty((len(names) if limit is None else min(len(names), limit), 3, size, size), dtype=np.uint8)
-    count = skipped = 0
-    items = _image_bytes(path, names)
-    if progress:
-        from tqdm import tqdm
-
-        items = tqdm(items, desc=f"decoding {path.name}", unit="img", total=len(names), leave=False)
-    for data in items:
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                images[count] = center_crop_resize(image, size)
-            count += 1
-        except (OSError, ValueError, Image.DecompressionBombError):
-            skipped += 1
-        if count == len(images):  # every row filled: --limit reached, or no image left to read
-            break
+    with _image_files(path) as (names, read):
+        images = np.empty((len(names) if limit is None else min(len(names), limit), 3, size, size), dtype=np.uint8)
+        count = skipped = 0
+        rows = _decoded_in_order(map(read, names), size, threads or decode_threads())
+        bar = tqdm(rows, desc=f"decoding {path.name}", total=len(names), unit="img", leave=False, disable=not progress)
+        with closing(rows), bar:
+            for row in bar:
+                if row is None:
+                    skipped += 1
+                    continue
+                images[count] = row
+                count += 1
+                if count == len(images):  # every row filled: --limit reached, or no image left to read
+                    break
     if count == 0:
         raise DataError(f"no readable images in {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return Dataset(

@@ -223,6 +223,20 @@ def test_limit_stops_after_that_many_readable_images(tmp_path: Path) -> None:
     assert len(data.images) == 5 and data.source["images"] == 5
 
 
+def test_decoding_on_several_threads_gives_the_rows_and_the_skips_of_one(tmp_path: Path) -> None:
+    path = faces_zip(tmp_path / "faces.zip", n=40)
+    with zipfile.ZipFile(path, "a") as archive:
+        for i in (0, 17, 29):  # sorted among the good ones, the first of all among them
+            archive.writestr(f"faces/{i:04d}-broken.png", b"broken")
+    one = load_images(path, 16, threads=1)
+    many = load_images(path, 16, threads=3)
+    assert torch.equal(many.images, one.images) and many.source == one.source
+    assert one.source["images"] == 40 and one.source["skipped_unreadable"] == 3
+
+    limited = load_images(path, 16, limit=20, threads=3)  # stops at the 20th good image, past 2 broken ones
+    assert torch.equal(limited.images, one.images[:20]) and limited.source["skipped_unreadable"] == 2
+
+
 def test_no_images_is_a_data_error(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
