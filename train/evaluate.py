@@ -13,7 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from service.artifact import Artifact, ArtifactError, read_artifact
@@ -21,7 +20,7 @@ from service.repository import pick_device
 from train import data as datasets
 from train.config import TrainConfig
 from train.loop import load_data
-from train.vae import vae_loss
+from train.vae import NOISE_SEED, held_out_metrics
 
 MNIST_ARCHITECTURE = "mnist_fc_vae"
 
@@ -34,24 +33,6 @@ def held_out_images(artifact: Artifact, data: Path, *, val_share: float, seed: i
     return load_data(config)[1].images
 
 
-@torch.inference_mode()
-def measure(module: torch.jit.ScriptModule, images: Tensor, loss: str, noise_seed: int = 123) -> dict[str, float]:
-    """Per-image negative ELBO, reconstruction and KL with one posterior sample drawn from `noise_seed`, and
-    MSE per pixel from the mean; the noise is drawn on the CPU, so it is the same on any device."""
-    device = next(iter(module.parameters())).device
-    noise = torch.Generator().manual_seed(noise_seed)
-    rec = kl = sq = 0.0
-    for batch in images.split(256):
-        x = batch.to(device).float().div_(255)
-        mu, log_var = module.encode(x)
-        z = mu + torch.exp(0.5 * log_var) * torch.randn(mu.shape, generator=noise).to(device)
-        terms = vae_loss(module.decode(z), x, mu, log_var, kind=loss)
-        rec, kl = rec + float(terms.reconstruction), kl + float(terms.kl)
-        sq += float((module.decode(mu) - x).pow(2).sum())
-    n = len(images)
-    return {"neg_elbo": (rec + kl) / n, "reconstruction": rec / n, "kl": kl / n, "mse_per_pixel": sq / images.numel()}
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--val-share", type=float, default=0.05, help="faces: the holdout share their training used")
     parser.add_argument("--seed", type=int, default=0, help="faces: the seed their training split with")
     parser.add_argument("--limit", type=int, default=None, help="the --limit their training used, if any")
-    parser.add_argument("--noise-seed", type=int, default=123, help="seed of the posterior noise, shared by all")
+    parser.add_argument("--noise-seed", type=int, default=NOISE_SEED, help="seed of the posterior noise, shared by all")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto ...")
     return parser.parse_args(argv)
 
@@ -78,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 images[key] = held_out_images(artifact, args.data, val_share=args.val_share, seed=args.seed,
                                               limit=args.limit)
             loss = str(artifact.manifest.get("training", {}).get("loss", "mse"))
-            result = measure(artifact.load(device), images[key], loss, args.noise_seed)
+            result = held_out_metrics(artifact.load(device), images[key], loss, args.noise_seed)
         except (ArtifactError, datasets.DataError) as exc:
             print(f"error: {path}: {exc}", file=sys.stderr)
             return 2

@@ -5,7 +5,8 @@ Kingma & Welling, "Auto-Encoding Variational Bayes" (2013), Appendix B gives the
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -69,3 +70,34 @@ def vae_loss(
     rec = reconstruction_loss(recon, x, kind)
     kl = kl_divergence(mu, log_var).sum()
     return LossTerms(rec + beta * kl, rec, kl)
+
+
+class EncodesAndDecodes(Protocol):
+    """A VAE in training (`VAE`) or as exported and loaded (its TorchScript module)."""
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
+    def decode(self, z: Tensor) -> Tensor: ...
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+
+NOISE_SEED = 123  # the posterior noise of every measurement: epochs, runs and artifacts compare on the same draws
+
+
+@torch.inference_mode()
+def held_out_metrics(model: EncodesAndDecodes, images: Tensor, loss: str, noise_seed: int = NOISE_SEED) -> dict[str, float]:
+    """Per-image negative ELBO (beta = 1), reconstruction and KL with one posterior sample drawn from `noise_seed`, and
+    MSE per pixel of the reconstruction from the mean, over uint8 `images`. The noise is drawn on the CPU, so it is
+    the same on any device and for any model: training's validation, the manifest's metrics and `train.evaluate`
+    measure alike. A model in training must be in eval mode."""
+    device = next(iter(model.parameters())).device
+    noise = torch.Generator().manual_seed(noise_seed)
+    rec = kl = sq = 0.0
+    for batch in images.split(256):
+        x = batch.to(device).float().div_(255)
+        mu, log_var = model.encode(x)
+        z = mu + torch.exp(0.5 * log_var) * torch.randn(mu.shape, generator=noise).to(device)
+        terms = vae_loss(model.decode(z), x, mu, log_var, kind=loss)
+        rec, kl = rec + float(terms.reconstruction), kl + float(terms.kl)
+        sq += float((model.decode(mu) - x).pow(2).sum())
+    n = len(images)
+    return {"neg_elbo": (rec + kl) / n, "reconstruction": rec / n, "kl": kl / n, "mse_per_pixel": sq / images.numel()}
