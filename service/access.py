@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterable
 
 from service.metrics import Metrics
 
@@ -40,6 +41,12 @@ def request_id_from(sent: bytes | None) -> bytes:
     if sent and len(sent) <= 200 and sent.isascii() and sent.decode("ascii").isprintable():
         return sent
     return b"%016x" % _IDS.getrandbits(64)
+
+
+def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """`request_id_from` the first X-Request-ID among a request's headers (names in lower case, as ASGI has them), on
+    every path a request can take: the app's, a direct answer's, a refused WebSocket's."""
+    return request_id_from(next((value for name, value in headers if name == b"x-request-id"), None))
 
 
 def log_request(method: str, path: str, model: str, status: int, seconds: float, request_id: bytes) -> None:

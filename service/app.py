@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.access import CLIENT_CLOSED_REQUEST, count_failure, log_request, request_id_from
+from service.access import CLIENT_CLOSED_REQUEST, count_failure, log_request, request_id_of
 from service.batcher import BatchFailed, DeadlineExceeded, NotServing, QueueFull
 from service.fastpath import DirectAnswers, Observe
 from service.http_protocol import OVER_LIMIT, TIMED_OUT
@@ -94,7 +94,7 @@ class LimitsAndAccessLog:
         status = 500
         response_started = False
         headers = dict(scope["headers"])
-        request_id = request_id_from(headers.get(b"x-request-id"))
+        request_id = request_id_of(scope["headers"])
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, response_started
@@ -195,7 +195,7 @@ class VaeServe(FastAPI):
         """A WebSocket upgrade: no route takes one, so FastAPI's router closes it unaccepted, which uvicorn answers
         with 403. Counted and logged as any refused request is (a client trying it again and again shows)."""
         started, status = time.perf_counter(), 403
-        request_id = request_id_from(dict(scope["headers"]).get(b"x-request-id"))
+        request_id = request_id_of(scope["headers"])
 
         async def sending(message: Message) -> None:
             nonlocal status

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.access import count_failure, log_request, request_id_from
+from service.access import count_failure, log_request, request_id_from, request_id_of
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -336,7 +336,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     async def _answer_directly(self, answering: _Answering, parsed: Any, started: float) -> None:
         assert self.direct is not None
         scope = answering.scope
-        request_id = request_id_from(next((v for k, v in scope["headers"] if k == b"x-request-id"), None))
+        request_id = request_id_of(scope["headers"])
         try:
             response = await self.direct.answer(scope, parsed, answering.receive)
         finally:

@@ -189,6 +189,15 @@ async def test_a_direct_answer_is_counted_logged_and_carries_the_client_s_reques
     assert metrics.registry.get_sample_value("vae_images_generated_total", {"model": "faces"}) == 1
 
 
+async def test_of_two_request_ids_the_first_is_echoed_whether_answered_directly_or_not(
+    servers: tuple[tuple[int, DrainingServer], int],
+) -> None:
+    (port, _), app_port = servers
+    request = post(b'{"model": "faces"}', headers=b"x-request-id: first\r\nx-request-id: second\r\n")
+    for answer in (*await ask(port, request), *await ask(app_port, request)):
+        assert answer[0] == 200 and answer[1][b"x-request-id"] == b"first"
+
+
 async def test_a_direct_answer_is_timed_from_its_request_s_head_as_the_app_s_are(
     servers: tuple[tuple[int, DrainingServer], int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
