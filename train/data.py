@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from service import imaging
 from service.artifact import sha256_file
 
 MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
@@ -129,17 +130,6 @@ def download_mnist(directory: Path, mirror: str = MNIST_MIRROR) -> None:
         partial.replace(target)
 
 
-def center_crop_resize(image: Image.Image, size: int, channels: int = 3) -> np.ndarray:
-    """Square center crop, resize to size x size, as uint8 (C, H, W)."""
-    image = image.convert("RGB" if channels == 3 else "L")
-    w, h = image.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
-
-
 @contextmanager
 def _image_files(path: Path) -> Iterator[tuple[list[str], Callable[[str], bytes]]]:
     """(every image in a folder, recursively, as paths relative to it, or in a zip, in sorted order; a function that
@@ -157,11 +147,13 @@ def _image_files(path: Path) -> Iterator[tuple[list[str], Callable[[str], bytes]
 
 
 def _decoded(data: bytes, size: int) -> np.ndarray | None:
-    """One image's bytes as a training row (`center_crop_resize`), or None where they are not a readable image."""
+    """One image's bytes as a training row, uint8 (3, size, size), made as the service makes an upload the model's input
+    (`imaging.rgb_pixels`: upright by its EXIF, alpha onto white, the centred square resized); None where they are not
+    a readable image."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return center_crop_resize(image, size)
-    except (OSError, ValueError, Image.DecompressionBombError):
+            return imaging.rgb_pixels(image, size, size).transpose(2, 0, 1)
+    except (OSError, ValueError, Image.DecompressionBombError):  # imaging.ImageError is a ValueError
         return None
 
 

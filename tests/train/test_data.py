@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from service.imaging import prepare_upload
 from tests.train.conftest import faces_zip, idx_bytes, image_bytes, mnist_arrays, write_mnist
 from train.data import DataError, Dataset, load_images, load_mnist, read_idx, split_holdout
 
@@ -160,17 +161,45 @@ def test_non_square_images_are_center_cropped(tmp_path: Path) -> None:
         assert (image[[0, 2], :, 2:-2] < 5).all()
 
 
-def test_grayscale_becomes_three_equal_channels_and_alpha_is_dropped(tmp_path: Path) -> None:
-    def save(image: Image.Image) -> bytes:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
+def _png(image: Image.Image, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **params)
+    return buffer.getvalue()
 
-    (tmp_path / "gray.png").write_bytes(save(Image.new("L", (8, 8), 100)))
-    (tmp_path / "rgba.png").write_bytes(save(Image.new("RGBA", (8, 8), (10, 20, 30, 0))))
+
+def test_grayscale_becomes_three_equal_channels_and_transparency_is_laid_on_white(tmp_path: Path) -> None:
+    (tmp_path / "gray.png").write_bytes(_png(Image.new("L", (8, 8), 100)))
+    half = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
+    half.paste((10, 20, 30, 255), (0, 0, 8, 4))  # the top half opaque, the bottom half transparent
+    (tmp_path / "rgba.png").write_bytes(_png(half))
     gray, rgba = load_images(tmp_path, 8).images  # sorted by name
     assert (gray == 100).all()
-    assert rgba[:, 0, 0].tolist() == [10, 20, 30] and (rgba == rgba[:, :1, :1]).all()
+    assert rgba[:, 0, 0].tolist() == [10, 20, 30] and rgba[:, 7, 7].tolist() == [255, 255, 255]
+
+
+def test_a_photo_is_turned_upright_by_its_exif_orientation(tmp_path: Path) -> None:
+    upright = Image.new("RGB", (8, 16), (0, 0, 0))
+    upright.paste((255, 0, 0), (0, 0, 8, 8))  # red on top, as the camera's owner saw it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored pixels are to be turned 90 degrees clockwise to be upright
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a phone held sideways stores
+    (tmp_path / "phone.png").write_bytes(_png(stored, exif=exif))
+    (image,) = load_images(tmp_path, 8).images  # the centred square: the middle of the upright 8x16, half red
+    assert image[:, 0, 4].tolist() == [255, 0, 0] and image[:, 7, 4].tolist() == [0, 0, 0]
+
+
+def test_training_sees_the_pixels_the_service_gives_the_model_for_the_same_file(tmp_path: Path) -> None:
+    files = {
+        "wide.jpg": image_bytes((90, 40), "RGB", "JPEG", seed=1),
+        "tall.png": image_bytes((30, 70), "RGBA", "PNG", seed=2),
+        "gray.png": image_bytes((50, 50), "L", "PNG", seed=3),
+        "big.jpg": image_bytes((400, 300), "RGB", "JPEG", seed=4),  # JPEG's reduced-size decode: the same in both
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    rows = load_images(tmp_path, 24).images
+    served = [prepare_upload(files[name], (3, 24, 24), max_pixels=10**7) for name in sorted(files)]
+    assert torch.equal(rows, torch.from_numpy(np.stack(served) * 255).round().to(torch.uint8))
 
 
 def test_a_folder_s_images_come_in_path_order_which_fixes_the_seeded_holdout(tmp_path: Path) -> None:
