@@ -133,17 +133,31 @@ def download_mnist(directory: Path, mirror: str = MNIST_MIRROR) -> None:
 @contextmanager
 def _image_files(path: Path) -> Iterator[tuple[list[str], Callable[[str], bytes]]]:
     """(every image in a folder, recursively, as paths relative to it, or in a zip, in sorted order; a function that
-    reads one of them), with the zip open meanwhile."""
+    reads one of them: no bytes where it cannot be read, e.g. a zip's member that fails its CRC), with the zip open
+    meanwhile."""
     if path.is_dir():
         # sorted as paths (by their parts), not as strings: the order seeded holdouts have always been drawn over
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        yield [str(file.relative_to(path)) for file in files], lambda name: (path / name).read_bytes()
+        yield [str(file.relative_to(path)) for file in files], _or_nothing(lambda name: (path / name).read_bytes())
     elif zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-            yield sorted(n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX")), archive.read
+            images = sorted(n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX"))
+            yield images, _or_nothing(archive.read)
     else:
         raise DataError(f"{path} is neither a folder nor a zip of images")
+
+
+def _or_nothing(read: Callable[[str], bytes]) -> Callable[[str], bytes]:
+    """`read`, with no bytes (an unreadable image, skipped and counted) where the file cannot be read."""
+
+    def reading(name: str) -> bytes:
+        try:
+            return read(name)
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error):
+            return b""
+
+    return reading
 
 
 def _decoded(data: bytes, size: int) -> np.ndarray | None:

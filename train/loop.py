@@ -54,6 +54,8 @@ def load_data(config: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
             train, val = train.head(config.limit), val.head(config.limit)
         return train, val
     everything = datasets.load_images(config.data, config.image_size, limit=config.limit, progress=True)
+    if skipped := everything.source["skipped_unreadable"]:
+        print(f"{config.data}: {skipped} files that are not readable images were skipped")
     return datasets.split_holdout(everything, config.val_share, config.seed)
 
 

@@ -240,6 +240,17 @@ def test_a_zip_reads_like_a_folder_and_records_its_checksum(tmp_path: Path) -> N
     }
 
 
+def test_a_zip_member_that_fails_its_checksum_is_skipped_and_counted(tmp_path: Path) -> None:
+    path = faces_zip(tmp_path / "faces.zip", n=6)
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("faces/0002.png")
+    raw = bytearray(path.read_bytes())
+    raw[info.header_offset + 30 + len(info.filename) + 100] ^= 0xFF  # one byte of its data: a corrupt download
+    path.write_bytes(raw)
+    data = load_images(path, 16)
+    assert len(data.images) == 5 and data.source["skipped_unreadable"] == 1
+
+
 def test_the_same_images_read_the_same_from_a_folder_or_a_zip(tmp_path: Path) -> None:
     path = faces_zip(tmp_path / "faces.zip", n=8)
     with zipfile.ZipFile(path) as archive:
