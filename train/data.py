@@ -203,8 +203,8 @@ def _decoded_in_order(files: Iterable[bytes], size: int, threads: int) -> Genera
 def load_images(
     path: Path, size: int, *, limit: int | None = None, progress: bool = False, threads: int | None = None
 ) -> Dataset:
-    """Decode every image under `path` once, center-cropped and resized to size x size RGB, each straight into its
-    row of one array: the decoded set is held once, not also as a list of images to stack (FFHQ's 70,000 thumbnails
+    """Decode every image under `path` once, made a size x size RGB input as the service makes an upload (`_decoded`),
+    each straight into its row of one array: the decoded set is held once, not also as a list of images to stack (FFHQ's 70,000 thumbnails
     at 128x128 are 3.4 GB). Decoded on `threads` (`decode_threads()`), taken in the files' order: the rows, and the
     files skipped as unreadable, are those of one thread."""
     if not path.exists():
