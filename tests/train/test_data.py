@@ -266,7 +266,7 @@ def test_limit_stops_after_that_many_readable_images(tmp_path: Path) -> None:
 def test_decoding_on_several_threads_gives_the_rows_and_the_skips_of_one(tmp_path: Path) -> None:
     path = faces_zip(tmp_path / "faces.zip", n=40)
     with zipfile.ZipFile(path, "a") as archive:
-        for i in (0, 17, 29):  # sorted among the good ones, the first of all among them
+        for i in (0, 17, 29):  # each sorts just before its good namesake: the first file of all is one of them
             archive.writestr(f"faces/{i:04d}-broken.png", b"broken")
     one = load_images(path, 16, threads=1)
     many = load_images(path, 16, threads=3)
