@@ -141,9 +141,8 @@ def _image_files(path: Path) -> Iterator[tuple[list[str], Callable[[str], bytes]
         yield [str(file.relative_to(path)) for file in files], _or_nothing(lambda name: (path / name).read_bytes())
     elif zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            images = sorted(n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("__MACOSX"))
-            yield images, _or_nothing(archive.read)
+            names = (n for n in archive.namelist() if not n.startswith("__MACOSX"))
+            yield sorted(n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES), _or_nothing(archive.read)
     else:
         raise DataError(f"{path} is neither a folder nor a zip of images")
 
@@ -204,9 +203,9 @@ def load_images(
     path: Path, size: int, *, limit: int | None = None, progress: bool = False, threads: int | None = None
 ) -> Dataset:
     """Decode every image under `path` once, made a size x size RGB input as the service makes an upload (`_decoded`),
-    each straight into its row of one array: the decoded set is held once, not also as a list of images to stack (FFHQ's 70,000 thumbnails
-    at 128x128 are 3.4 GB). Decoded on `threads` (`decode_threads()`), taken in the files' order: the rows, and the
-    files skipped as unreadable, are those of one thread."""
+    each straight into its row of one array: the decoded set is held once, not also as a list of images to stack
+    (FFHQ's 70,000 thumbnails at 128x128 are 3.4 GB). Decoded on `threads` (`decode_threads()`), taken in the files'
+    order: the rows, and the files skipped as unreadable, are those of one thread."""
     if not path.exists():
         raise DataError(f"{path} does not exist")
     with _image_files(path) as (names, read):

@@ -19,7 +19,7 @@ from train.export import export, install
 from train.face_vae import FaceVAE, FaceVAEConfig
 from train.mnist_vae import MnistVAE, MnistVAEConfig
 from train.report import write_report
-from train.vae import VAE, held_out_metrics, vae_loss
+from train.vae import VAE, as_input, held_out_metrics, vae_loss
 
 CHECKPOINT = "checkpoint.pt"
 LR_FLOOR = 0.01  # the cosine schedule ends at this share of the initial learning rate
@@ -75,7 +75,7 @@ def _flips(config: TrainConfig) -> bool:
 
 
 def _to_input(batch: Tensor, device: torch.device, hflip: bool) -> Tensor:
-    x = batch.to(device, non_blocking=True).float().div_(255)
+    x = as_input(batch, device)
     if hflip:
         flip = torch.rand(len(x), device=device) < 0.5
         x[flip] = x[flip].flip(-1)

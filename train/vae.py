@@ -83,8 +83,15 @@ class EncodesAndDecodes(Protocol):
 NOISE_SEED = 123  # the posterior noise of every measurement: epochs, runs and artifacts compare on the same draws
 
 
+def as_input(images: Tensor, device: torch.device) -> Tensor:
+    """uint8 images (N, C, H, W), as stored for training, -> the model's float input in [0, 1] on `device`."""
+    return images.to(device, non_blocking=True).float().div_(255)
+
+
 @torch.inference_mode()
-def held_out_metrics(model: EncodesAndDecodes, images: Tensor, loss: str, noise_seed: int = NOISE_SEED) -> dict[str, float]:
+def held_out_metrics(
+    model: EncodesAndDecodes, images: Tensor, loss: str, noise_seed: int = NOISE_SEED
+) -> dict[str, float]:
     """Per-image negative ELBO (beta = 1), reconstruction and KL with one posterior sample drawn from `noise_seed`, and
     MSE per pixel of the reconstruction from the mean, over uint8 `images`. The noise is drawn on the CPU, so it is
     the same on any device and for any model: training's validation, the manifest's metrics and `train.evaluate`
@@ -93,7 +100,7 @@ def held_out_metrics(model: EncodesAndDecodes, images: Tensor, loss: str, noise_
     noise = torch.Generator().manual_seed(noise_seed)
     rec = kl = sq = 0.0
     for batch in images.split(256):
-        x = batch.to(device).float().div_(255)
+        x = as_input(batch, device)
         mu, log_var = model.encode(x)
         z = mu + torch.exp(0.5 * log_var) * torch.randn(mu.shape, generator=noise).to(device)
         terms = vae_loss(model.decode(z), x, mu, log_var, kind=loss)

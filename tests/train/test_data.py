@@ -116,6 +116,12 @@ def test_a_bad_mnist_file_is_named_in_the_error(tmp_path: Path) -> None:
 # ---- folders and zips of images --------------------------------------------------------------------
 
 
+def _png(image: Image.Image, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **params)
+    return buffer.getvalue()
+
+
 def _stripes(w: int, h: int) -> bytes:
     """Red | green | blue thirds along the long side: the center crop keeps only green."""
     pixels = np.zeros((h, w, 3), dtype=np.uint8)
@@ -126,9 +132,7 @@ def _stripes(w: int, h: int) -> bytes:
             pixels[:, cut, i] = 255
         else:
             pixels[cut, :, i] = 255
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return _png(Image.fromarray(pixels))
 
 
 def test_images_of_any_size_and_mode_become_square_rgb_uint8(tmp_path: Path) -> None:
@@ -159,12 +163,6 @@ def test_non_square_images_are_center_cropped(tmp_path: Path) -> None:
     for image in images:  # only the green middle third survives (the resize may blur the very edge)
         assert (image[1, :, 2:-2] > 250).all()
         assert (image[[0, 2], :, 2:-2] < 5).all()
-
-
-def _png(image: Image.Image, **params: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", **params)
-    return buffer.getvalue()
 
 
 def test_grayscale_becomes_three_equal_channels_and_transparency_is_laid_on_white(tmp_path: Path) -> None:
@@ -203,14 +201,9 @@ def test_training_sees_the_pixels_the_service_gives_the_model_for_the_same_file(
 
 
 def test_a_folder_s_images_come_in_path_order_which_fixes_the_seeded_holdout(tmp_path: Path) -> None:
-    def solid(value: int) -> bytes:
-        buffer = io.BytesIO()
-        Image.new("L", (8, 8), value).save(buffer, format="PNG")
-        return buffer.getvalue()
-
     (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "b.png").write_bytes(solid(1))
-    (tmp_path / "a-c.png").write_bytes(solid(2))  # "a-c.png" < "a/b.png" as strings; as paths "a" comes first
+    (tmp_path / "a" / "b.png").write_bytes(_png(Image.new("L", (8, 8), 1)))
+    (tmp_path / "a-c.png").write_bytes(_png(Image.new("L", (8, 8), 2)))  # "a-c.png" < "a/b.png" as strings; as paths "a" comes first
     assert load_images(tmp_path, 8).images[:, 0, 0, 0].tolist() == [1, 2]
 
 
