@@ -53,10 +53,13 @@ def test_sample_returns_a_png_and_a_grid(server: str, model: str, size: int, mod
 
 
 def test_seeds_reproduce_the_same_images_under_concurrent_load(server: str) -> None:
-    """To within one level of 255, in a few values per million, on a CPU as on a GPU: the batch a request shares
-    decides which kernels run (a CPU's matrix products take another path for a few rows than for many), and their
-    float rounding can tip a pixel to its neighbouring level."""
+    """To within one level of 255, on a CPU as on a GPU: the batch a request shares decides which kernels run (a CPU's
+    matrix products take another path for a few rows than for many; cuDNN picks its convolutions by batch size), and
+    their float rounding can tip a pixel to its neighbouring level: a few values per million on a CPU, under 1% on a
+    GPU (0.7% on an H200)."""
     request = {"model": "faces", "n": 4, "seed": 1234}
+    device = next(m["device"] for m in httpx.get(f"{server}/models").json()["models"] if m["name"] == "faces")
+    tipped = 1 / 10_000 if device == "cpu" else 1 / 100
 
     async def load() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server, timeout=60) as client:
@@ -69,7 +72,7 @@ def test_seeds_reproduce_the_same_images_under_concurrent_load(server: str) -> N
     assert all(r.status_code == 200 for r in responses)
     for r in responses[-6:]:
         moved = np.abs(np.asarray(Image.open(io.BytesIO(r.content)), dtype=int) - alone)
-        assert moved.max() <= 1 and np.count_nonzero(moved) <= alone.size // 10_000
+        assert moved.max() <= 1 and np.count_nonzero(moved) <= alone.size * tipped
 
 
 def test_sample_json_and_decode_of_its_latents_agree(server: str) -> None:

@@ -103,7 +103,7 @@ async def test_a_json_answer_decoded_in_parts_holds_every_image_once_in_order(se
     """With two lanes, a request of more images than a lane's batch is decoded in parts. Where the lanes share every
     core, each encodes its own part's PNGs (`Runtime.images_on_batch_thread`); with a core to spare, the image threads
     encode them, a lone request's in parts of half a batch. Either way the answer is whole and in order."""
-    async with serve(settings.model_copy(update={"cpu_lanes": 2, "torch_threads": 2})) as client:
+    async with serve(settings.model_copy(update={"cpu_lanes": 2, "torch_threads": 2, "device": "cpu"})) as client:
         runtime = client.app.state.runtime  # type: ignore[attr-defined]
         runtime.spare_core = spare_core  # as on a machine with more cores than torch threads
         assert runtime.images_on_batch_thread is not spare_core
