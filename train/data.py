@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from service import imaging
 from service.artifact import sha256_file
+from service.cpus import CGROUP
 
 MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 # The gzip files of the original distribution and their published md5s.
@@ -209,7 +210,9 @@ def load_images(
     if not path.exists():
         raise DataError(f"{path} does not exist")
     with _image_files(path) as (names, read):
-        images = np.empty((len(names) if limit is None else min(len(names), limit), 3, size, size), dtype=np.uint8)
+        shape = (len(names) if limit is None else min(len(names), limit), 3, size, size)
+        _check_memory(shape)
+        images = np.empty(shape, dtype=np.uint8)
         count = skipped = 0
         rows = _decoded_in_order(map(read, names), size, threads or decode_threads())
         bar = tqdm(rows, desc=f"decoding {path.name}", total=len(names), unit="img", leave=False, disable=not progress)
@@ -233,6 +236,41 @@ def load_images(
             "skipped_unreadable": skipped,
             "files": {path.name: sha256_file(path)} if path.is_file() else {},
         },
+    )
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = CGROUP) -> int | None:
+    """Bytes this process can still take: the kernel's MemAvailable, capped by its cgroup's memory limit less what
+    the cgroup already uses (a container's `docker run --memory`, a Kubernetes limit, which MemAvailable does not
+    see); None where neither is known (macOS)."""
+    known: list[int] = []
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                known.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            cap = (cgroup / limit).read_text().strip()
+            if cap != "max" and int(cap) < 2**60:  # v1 writes "no limit" as a number near 2**63
+                known.append(max(0, int(cap) - int((cgroup / usage).read_text())))
+            break
+        except (OSError, ValueError):
+            continue
+    return min(known) if known else None
+
+
+def _check_memory(shape: tuple[int, ...]) -> None:
+    """Fail before decoding, not minutes into it at the kernel's OOM kill, where the decoded images cannot fit."""
+    count, per_image = shape[0], int(np.prod(shape[1:]))
+    free = available_memory()
+    if free is None or count * per_image <= free:
+        return
+    fit = free * 3 // 4 // per_image  # a quarter left for training itself: the model, its batches, the optimiser
+    raise DataError(
+        f"{count:,} images at {shape[-1]}x{shape[-1]} take {count * per_image / 2**30:.1f} GiB decoded, and "
+        f"{free / 2**30:.1f} GiB of memory is available: pass --limit {fit:,} (or fewer), or a smaller --image-size"
     )
 
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+import train.data
 from service.imaging import prepare_upload
 from tests.train.conftest import faces_zip, idx_bytes, image_bytes, mnist_arrays, write_mnist
-from train.data import DataError, Dataset, load_images, load_mnist, read_idx, split_holdout
+from train.data import DataError, Dataset, available_memory, load_images, load_mnist, read_idx, split_holdout
 
 # ---- IDX files -------------------------------------------------------------------------------------
 
@@ -286,6 +287,37 @@ def test_a_missing_path_or_a_file_that_is_not_a_zip_is_a_data_error(tmp_path: Pa
     (tmp_path / "faces.tar").write_bytes(b"not a zip")
     with pytest.raises(DataError, match=r"faces\.tar is neither a folder nor a zip of images"):
         load_images(tmp_path / "faces.tar", 32)
+
+
+def test_images_that_cannot_fit_in_memory_fail_before_decoding_with_a_limit_that_fits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = faces_zip(tmp_path / "faces.zip", n=12)  # 12 images at 32x32: 3 KiB each decoded
+    monkeypatch.setattr(train.data, "available_memory", lambda: 8 * 3 * 32 * 32)
+    with pytest.raises(DataError, match=r"12 images at 32x32 take 0\.0 GiB decoded.*pass --limit 6 \(or fewer\)"):
+        load_images(path, 32)
+    assert len(load_images(path, 32, limit=8).images) == 8  # what fits is decoded
+    monkeypatch.setattr(train.data, "available_memory", lambda: None)  # not known (macOS): no check
+    assert len(load_images(path, 32).images) == 12
+
+
+def test_available_memory_is_the_kernel_s_capped_by_a_container_s_limit(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   16000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert available_memory(meminfo, cgroup) == 16_000_000 * 1024  # no cgroup files: a bare host
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("1000\n")
+    assert available_memory(meminfo, cgroup) == 16_000_000 * 1024  # v2, no limit
+    (cgroup / "memory.max").write_text(f"{2 * 2**30}\n")  # docker run --memory 2g
+    assert available_memory(meminfo, cgroup) == 2 * 2**30 - 1000
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{2**63 - 4096}\n")  # v1's "no limit"
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("1000\n")
+    assert available_memory(meminfo, v1) == 16_000_000 * 1024
+    assert available_memory(tmp_path / "no-meminfo", tmp_path / "no-cgroup") is None  # macOS
 
 
 # ---- the holdout -----------------------------------------------------------------------------------
