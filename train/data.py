@@ -240,25 +240,32 @@ def load_images(
 
 
 def available_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = CGROUP) -> int | None:
-    """Bytes this process can still take: the kernel's MemAvailable, capped by its cgroup's memory limit less what
-    the cgroup already uses (a container's `docker run --memory`, a Kubernetes limit, which MemAvailable does not
-    see); None where neither is known (macOS)."""
-    known: list[int] = []
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                known.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    """Bytes this process can still take: the kernel's MemAvailable, capped by its cgroup's memory limit less the
+    cgroup's working set (a container's `docker run --memory`, a Kubernetes limit, which MemAvailable does not see;
+    the working set as cAdvisor counts it: usage less the inactive file cache, which the kernel reclaims first);
+    None where neither is known (macOS)."""
+    known = [kib * 1024 for kib in _fields(meminfo, "MemAvailable:")]
+    for limit, usage, stat, cache in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
+    ):
         try:
             cap = (cgroup / limit).read_text().strip()
-            if cap != "max" and int(cap) < 2**60:  # v1 writes "no limit" as a number near 2**63
-                known.append(max(0, int(cap) - int((cgroup / usage).read_text())))
-            break
+            used = int((cgroup / usage).read_text())
         except (OSError, ValueError):
             continue
+        if cap.isdigit() and int(cap) < 2**60:  # "max", or v1's "no limit": a number near 2**63
+            known.append(max(0, int(cap) - used + sum(_fields(cgroup / stat, cache + " "))))
+        break
     return min(known) if known else None
+
+
+def _fields(path: Path, key: str) -> list[int]:
+    """The number after `key` on the line that starts with it, as a one-item list; [] where there is none."""
+    try:
+        return [int(line.split()[1]) for line in path.read_text().splitlines() if line.startswith(key)][:1]
+    except (OSError, ValueError, IndexError):
+        return []
 
 
 def _check_memory(shape: tuple[int, ...]) -> None:

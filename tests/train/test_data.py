@@ -312,11 +312,17 @@ def test_available_memory_is_the_kernel_s_capped_by_a_container_s_limit(tmp_path
     assert available_memory(meminfo, cgroup) == 16_000_000 * 1024  # v2, no limit
     (cgroup / "memory.max").write_text(f"{2 * 2**30}\n")  # docker run --memory 2g
     assert available_memory(meminfo, cgroup) == 2 * 2**30 - 1000
+    (cgroup / "memory.current").write_text("5000\n")
+    (cgroup / "memory.stat").write_text("anon 1000\nactive_file 1000\ninactive_file 3000\n")  # page cache it reclaims
+    assert available_memory(meminfo, cgroup) == 2 * 2**30 - 2000
     v1 = tmp_path / "v1"
     (v1 / "memory").mkdir(parents=True)
     (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{2**63 - 4096}\n")  # v1's "no limit"
     (v1 / "memory" / "memory.usage_in_bytes").write_text("1000\n")
     assert available_memory(meminfo, v1) == 16_000_000 * 1024
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{2**30}\n")
+    (v1 / "memory" / "memory.stat").write_text("cache 800\ntotal_inactive_file 500\n")
+    assert available_memory(meminfo, v1) == 2**30 - 500
     assert available_memory(tmp_path / "no-meminfo", tmp_path / "no-cgroup") is None  # macOS
 
 
