@@ -35,6 +35,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
         p.add_argument("--limit", type=int, default=None, help="use at most N images")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+        p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                       help="bfloat16: the training passes in mixed precision (a CPU with avx512_bf16 or amx_bf16, "
+                            "or a GPU with bfloat16); the weights, validation and the artifact stay float32")
         p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
         p.add_argument("--models-dir", type=Path, default=None, help="also install the artifact as DIR/<name>")
         if model == "mnist":

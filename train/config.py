@@ -27,6 +27,7 @@ class TrainConfig:
     limit: int | None = None  # use at most this many images (quick runs, tests)
     seed: int = 0
     device: str = "auto"  # auto: CUDA when available, else CPU
+    precision: str = "float32"  # or "bfloat16": the training passes autocast; weights, validation, artifact float32
     resume: bool = False  # continue from out/checkpoint.pt
     download: bool = False  # MNIST: fetch the IDX files into `data` first (md5-verified)
     mirror: str = ""  # MNIST download base URL; empty: the usual public mirror

@@ -151,6 +151,17 @@ def test_a_faces_run_on_a_tiny_zip_gives_a_served_artifact(faces_run: Run) -> No
     assert served.ready and served.image_shape == (3, 64, 64)
 
 
+def test_a_faces_run_in_bfloat16_gives_a_float32_artifact_that_records_it(faces_run: Run, tmp_path: Path) -> None:
+    argv = ["faces", "--data", str(faces_run.data), "--out", str(tmp_path / "run"), "--image-size", "64",
+            *FACES_ARGS, "--precision", "bfloat16"]
+    assert main(argv) == 0
+    artifact = read_artifact(tmp_path / "run" / "artifact")
+    assert artifact.manifest["training"]["precision"] == "bfloat16"
+    assert all(v.dtype == torch.float32 for v in artifact.load("cpu").state_dict().values() if v.is_floating_point())
+    served = load_model(tmp_path / "run" / "artifact", torch.device("cpu"))
+    assert served.ready and served.precision == "float32"
+
+
 def test_an_image_size_not_a_multiple_of_32_is_refused_before_reading_any_data(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from train.config import TrainConfig
 from train.face_vae import FaceVAE, FaceVAEConfig
-from train.loop import _batches, recalibrate_batchnorm
+from train.loop import _batches, check_precision, recalibrate_batchnorm, train_epoch
 from train.mnist_vae import MnistVAE
 
 SMALL = FaceVAEConfig(image_size=32, channels=(4, 8, 8, 16, 16), hidden_dim=16, latent_dim=8)
@@ -63,3 +64,34 @@ def test_a_model_without_batchnorm_is_left_as_it_was() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert not recalibrate_batchnorm(model, torch.zeros(4, 1, 28, 28, dtype=torch.uint8), _config(batch_size=4))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_bfloat16_runs_the_training_passes_in_mixed_precision_and_keeps_the_weights_float32(precision: str) -> None:
+    torch.manual_seed(0)
+    model = FaceVAE(SMALL)
+    seen: list[torch.dtype] = []
+    model.encoder[0][0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    config = TrainConfig(model="faces", data=Path("unused"), out=Path("unused"), batch_size=16, precision=precision)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    metrics = train_epoch(model, images, optimizer, config, beta=1.0, desc="test")
+
+    assert seen == [torch.bfloat16 if precision == "bfloat16" else torch.float32] * 2  # the convolutions, both batches
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # what the artifact is made of
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+def test_bfloat16_on_a_cpu_without_its_instructions_says_it_is_emulated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    check_precision("bfloat16", torch.device("cpu"), cpuinfo)
+    assert "no bfloat16 instructions" in capsys.readouterr().out
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    check_precision("bfloat16", torch.device("cpu"), cpuinfo)
+    check_precision("float32", torch.device("cpu"), tmp_path / "none")
+    check_precision("bfloat16", torch.device("cpu"), tmp_path / "none")  # no /proc/cpuinfo: nothing to tell
+    assert capsys.readouterr().out == ""
