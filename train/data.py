@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import shutil
 import struct
 import urllib.request
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from service import imaging
 from service.artifact import sha256_file
-from service.cpus import CGROUP
+from service.cpus import CGROUP, affinity_cpus
 
 MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 # The gzip files of the original distribution and their published md5s.
@@ -178,8 +177,7 @@ def _decoded_chunk(chunk: list[bytes], size: int) -> list[np.ndarray | None]:
 def decode_threads() -> int:
     """Threads that decode training images: one a core this process may use, up to 16. Pillow lets go of the GIL
     while it decodes and resizes, so they run in parallel."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(16, cores)
+    return min(16, affinity_cpus())
 
 
 def _decoded_in_order(files: Iterable[bytes], size: int, threads: int) -> Generator[np.ndarray | None, None, None]:
